@@ -1,0 +1,745 @@
+//! Plugin configuration: the JSON object an operator writes (Envoy `configuration`, Istio
+//! `pluginConfig`, Traefik middleware options), parsed strictly and validated once into an
+//! immutable [`Settings`] value that every request shares.
+//!
+//! Contract: `SPEC.md` section 2. Unknown keys, wrong types and inconsistent values are
+//! refused with a [`ConfigError`] that names the key; the filter never runs on defaults
+//! it guessed. Secrets are held in [`Secret`], whose `Debug` output is redacted.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::matrix::ServerName;
+use crate::path::Prefix;
+
+/// Default timeout of each callout (userinfo, CreateRoom), in milliseconds.
+pub const DEFAULT_CALLOUT_TIMEOUT_MS: u64 = 5_000;
+/// Largest accepted `calloutTimeoutMs`, in milliseconds.
+pub const MAX_CALLOUT_TIMEOUT_MS: u64 = 60_000;
+/// Default name of the Envoy cluster (dynamic forward proxy, TLS) that carries `https` callouts.
+pub const DEFAULT_ENVOY_TLS_CLUSTER: &str = "matrixrtc_callout_tls";
+/// Default name of the Envoy cluster (dynamic forward proxy, plain HTTP) that carries `http` callouts.
+pub const DEFAULT_ENVOY_PLAIN_CLUSTER: &str = "matrixrtc_callout_plain";
+/// Default lifetime of a LiveKit access token, in seconds (lk-jwt-service: one hour).
+pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3_600;
+
+/// The plugin configuration exactly as written by the operator (wire names in camelCase).
+///
+/// Every key is optional at this level; [`Settings::from_json`] decides what is required.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    strip_prefixes: Option<Vec<String>>,
+    livekit_url: Option<String>,
+    livekit_key: Option<String>,
+    livekit_key_env: Option<String>,
+    livekit_secret: Option<String>,
+    livekit_secret_env: Option<String>,
+    full_access_homeservers: Option<Vec<String>>,
+    livekit_api_url: Option<String>,
+    homeservers: Option<BTreeMap<String, String>>,
+    callout_timeout_ms: Option<u64>,
+    token_lifetime_secs: Option<u64>,
+    envoy_tls_cluster: Option<String>,
+    envoy_plain_cluster: Option<String>,
+}
+
+/// Why a plugin configuration was refused: the key at fault and the reason.
+///
+/// Rendered as `invalid plugin configuration: <key>: <reason>`; never contains a secret value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The configuration key at fault (`.` separates nested keys), or `(json)` when the
+    /// document itself is not a JSON object.
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid plugin configuration: {}: {}",
+            self.key, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A secret string (the LiveKit API secret). `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret bytes, for signing only.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// An HTTP(S) base URL a callout goes to, split the way a proxy needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `true` for `https` (and `wss`), `false` for `http` (and `ws`).
+    pub tls: bool,
+    /// `host:port` with an explicit port (IPv6 hosts in brackets): Envoy's callout `:authority`.
+    pub authority: String,
+    /// Path to prepend to every callout path, without trailing slash (`""` for the root).
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// Parses an absolute `http`/`https` (and, when `allow_ws`, `ws`/`wss`) URL.
+    ///
+    /// Takes e.g. `https://sfu.example.org/livekit/sfu` and returns `{tls: true, authority:
+    /// "sfu.example.org:443", base_path: "/livekit/sfu"}`. The default port of the scheme is made
+    /// explicit. Errors (as a reason string) when the URL has no host, another scheme, user
+    /// info, a query or a fragment.
+    pub fn parse(url: &str, allow_ws: bool) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("`{url}` is not an absolute URL ({e})"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            Some("wss") if allow_ws => true,
+            Some("ws") if allow_ws => false,
+            _ => {
+                let allowed = if allow_ws {
+                    "ws, wss, http or https"
+                } else {
+                    "http or https"
+                };
+                return Err(format!("`{url}` must use the scheme {allowed}"));
+            }
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{url}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{url}` must not contain user info"));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("`{url}` has no host"));
+        }
+        if uri.query().is_some() || url.contains('#') {
+            return Err(format!("`{url}` must not have a query or fragment"));
+        }
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Ok(Self {
+            tls,
+            authority: format!("{}:{port}", authority.host()),
+            base_path,
+        })
+    }
+}
+
+/// Which users get `canPublish` (lk-jwt-service `LIVEKIT_FULL_ACCESS_HOMESERVERS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FullAccess {
+    /// `["*"]`: every homeserver is a full-access homeserver.
+    Everyone,
+    /// Exact (byte for byte) server names. A `*` among other entries is an ordinary entry that
+    /// matches nothing, as in lk-jwt-service.
+    Only(Vec<String>),
+}
+
+impl FullAccess {
+    /// `true` when users of the server name `matrix_server_name` (exactly as the client sent it)
+    /// are full-access users.
+    pub fn allows(&self, matrix_server_name: &str) -> bool {
+        match self {
+            FullAccess::Everyone => true,
+            FullAccess::Only(list) => list.iter().any(|s| s == matrix_server_name),
+        }
+    }
+}
+
+/// The inline token service, present when `livekitUrl` is configured.
+#[derive(Debug, Clone)]
+pub struct TokenService {
+    /// `livekitUrl`, returned to clients verbatim.
+    pub livekit_url: String,
+    /// Where the LiveKit server API (Twirp `RoomService`) is reached.
+    pub livekit_api: Upstream,
+    /// LiveKit API key (`iss` of every LiveKit access token).
+    pub api_key: String,
+    /// LiveKit API secret (HS256 key).
+    pub api_secret: Secret,
+    /// Full-access homeservers.
+    pub full_access: FullAccess,
+    /// Per server name base URL overrides for the OpenID userinfo callout.
+    pub homeservers: BTreeMap<String, Upstream>,
+    /// Timeout of each callout, in milliseconds.
+    pub callout_timeout_ms: u64,
+    /// Lifetime of a client LiveKit access token, in seconds.
+    pub token_lifetime_secs: u64,
+    /// Envoy cluster for `https` callouts.
+    pub envoy_tls_cluster: String,
+    /// Envoy cluster for `http` callouts.
+    pub envoy_plain_cluster: String,
+}
+
+/// The validated plugin configuration shared by every request.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Prefixes to strip, longest first so the most specific one wins.
+    pub strip_prefixes: Vec<Prefix>,
+    /// The inline token service, or `None` when only strip-prefix is on.
+    pub token_service: Option<TokenService>,
+}
+
+impl Settings {
+    /// Parses and validates a plugin configuration.
+    ///
+    /// `json` is the configuration bytes (an empty document counts as `{}`); `env` looks up an
+    /// environment variable by name (used for `livekitKeyEnv` / `livekitSecretEnv`).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first key at fault: not JSON, unknown key, wrong type, an
+    /// invalid prefix, URL or server name, a missing required key, or an environment variable
+    /// that is unset or empty.
+    pub fn from_json(
+        json: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw = parse_raw(json)?;
+        let strip_prefixes = parse_prefixes(raw.strip_prefixes.as_deref().unwrap_or_default())?;
+        let token_service = match raw.livekit_url.clone() {
+            None => {
+                refuse_token_keys_without_url(&raw)?;
+                None
+            }
+            Some(url) => Some(parse_token_service(url, raw, env)?),
+        };
+        if strip_prefixes.is_empty() && token_service.is_none() {
+            return Err(ConfigError::new(
+                "stripPrefixes",
+                "nothing to do: set stripPrefixes, livekitUrl, or both",
+            ));
+        }
+        Ok(Self {
+            strip_prefixes,
+            token_service,
+        })
+    }
+}
+
+fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
+    if json.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RawConfig::default());
+    }
+    // serde would also accept a JSON array as a struct (fields by position): refuse it.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ConfigError::new(
+            "(json)",
+            "the plugin configuration must be a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." || path == "?" {
+            "(json)".to_owned()
+        } else {
+            path
+        };
+        // serde_json's message carries "at line L column C"; keep only the reason.
+        let reason = e.inner().to_string();
+        let reason = reason
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        ConfigError::new(key, reason)
+    })?;
+    de.end()
+        .map_err(|_| ConfigError::new("(json)", "trailing characters after the JSON object"))?;
+    Ok(raw)
+}
+
+fn parse_prefixes(list: &[String]) -> Result<Vec<Prefix>, ConfigError> {
+    let mut prefixes: Vec<Prefix> = Vec::with_capacity(list.len());
+    for (i, p) in list.iter().enumerate() {
+        let key = format!("stripPrefixes[{i}]");
+        let prefix = Prefix::parse(p).map_err(|reason| ConfigError::new(&key, reason))?;
+        if prefixes.iter().any(|q| q.as_str() == prefix.as_str()) {
+            return Err(ConfigError::new(key, format!("duplicate prefix `{p}`")));
+        }
+        prefixes.push(prefix);
+    }
+    prefixes.sort_by_key(|p| std::cmp::Reverse(p.as_str().len()));
+    Ok(prefixes)
+}
+
+fn refuse_token_keys_without_url(raw: &RawConfig) -> Result<(), ConfigError> {
+    let set = [
+        ("livekitKey", raw.livekit_key.is_some()),
+        ("livekitKeyEnv", raw.livekit_key_env.is_some()),
+        ("livekitSecret", raw.livekit_secret.is_some()),
+        ("livekitSecretEnv", raw.livekit_secret_env.is_some()),
+        (
+            "fullAccessHomeservers",
+            raw.full_access_homeservers.is_some(),
+        ),
+        ("livekitApiUrl", raw.livekit_api_url.is_some()),
+        ("homeservers", raw.homeservers.is_some()),
+        ("calloutTimeoutMs", raw.callout_timeout_ms.is_some()),
+        ("tokenLifetimeSecs", raw.token_lifetime_secs.is_some()),
+        ("envoyTlsCluster", raw.envoy_tls_cluster.is_some()),
+        ("envoyPlainCluster", raw.envoy_plain_cluster.is_some()),
+    ];
+    match set.iter().find(|(_, is_set)| *is_set) {
+        Some((key, _)) => Err(ConfigError::new(
+            *key,
+            "only meaningful for the token service, which is off because livekitUrl is not set",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn parse_token_service(
+    livekit_url: String,
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TokenService, ConfigError> {
+    let derived_api = Upstream::parse(&livekit_url, true)
+        .map_err(|reason| ConfigError::new("livekitUrl", reason))?;
+    let livekit_api = match &raw.livekit_api_url {
+        Some(url) => Upstream::parse(url, false)
+            .map_err(|reason| ConfigError::new("livekitApiUrl", reason))?,
+        None => derived_api,
+    };
+    let api_key = inline_or_env(
+        ("livekitKey", raw.livekit_key),
+        ("livekitKeyEnv", raw.livekit_key_env),
+        env,
+    )?;
+    let api_secret = Secret::new(inline_or_env(
+        ("livekitSecret", raw.livekit_secret),
+        ("livekitSecretEnv", raw.livekit_secret_env),
+        env,
+    )?);
+    let full_access = parse_full_access(raw.full_access_homeservers)?;
+    let mut homeservers = BTreeMap::new();
+    for (name, url) in raw.homeservers.unwrap_or_default() {
+        let key = format!("homeservers.{name}");
+        ServerName::parse(&name).map_err(|reason| {
+            ConfigError::new(
+                &key,
+                format!("`{name}` is not a valid server name: {reason}"),
+            )
+        })?;
+        let upstream = Upstream::parse(&url, false).map_err(|r| ConfigError::new(&key, r))?;
+        homeservers.insert(name, upstream);
+    }
+    let callout_timeout_ms = raw.callout_timeout_ms.unwrap_or(DEFAULT_CALLOUT_TIMEOUT_MS);
+    if !(1..=MAX_CALLOUT_TIMEOUT_MS).contains(&callout_timeout_ms) {
+        return Err(ConfigError::new(
+            "calloutTimeoutMs",
+            format!("must be between 1 and {MAX_CALLOUT_TIMEOUT_MS} (milliseconds)"),
+        ));
+    }
+    let token_lifetime_secs = raw
+        .token_lifetime_secs
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME_SECS);
+    if !(60..=86_400).contains(&token_lifetime_secs) {
+        return Err(ConfigError::new(
+            "tokenLifetimeSecs",
+            "must be between 60 and 86400 (seconds)",
+        ));
+    }
+    let envoy_tls_cluster = cluster_name(
+        "envoyTlsCluster",
+        raw.envoy_tls_cluster,
+        DEFAULT_ENVOY_TLS_CLUSTER,
+    )?;
+    let envoy_plain_cluster = cluster_name(
+        "envoyPlainCluster",
+        raw.envoy_plain_cluster,
+        DEFAULT_ENVOY_PLAIN_CLUSTER,
+    )?;
+    Ok(TokenService {
+        livekit_url,
+        livekit_api,
+        api_key,
+        api_secret,
+        full_access,
+        homeservers,
+        callout_timeout_ms,
+        token_lifetime_secs,
+        envoy_tls_cluster,
+        envoy_plain_cluster,
+    })
+}
+
+/// Exactly one of an inline value and the name of an environment variable holding it.
+fn inline_or_env(
+    (inline_key, inline): (&str, Option<String>),
+    (env_key, var): (&str, Option<String>),
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    match (inline, var) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            inline_key,
+            format!("set either {inline_key} or {env_key}, not both"),
+        )),
+        (None, None) => Err(ConfigError::new(
+            inline_key,
+            format!(
+                "required when livekitUrl is set (or name an environment variable in {env_key})"
+            ),
+        )),
+        (Some(v), None) if v.is_empty() => Err(ConfigError::new(inline_key, "must not be empty")),
+        (Some(v), None) => Ok(v),
+        (None, Some(name)) => match env(&name) {
+            Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+            Some(_) => Err(ConfigError::new(
+                env_key,
+                format!("environment variable `{name}` is empty"),
+            )),
+            None => Err(ConfigError::new(
+                env_key,
+                format!(
+                    "environment variable `{name}` is not set or not visible to the filter \
+                     (Envoy: list it in vm_config.environment_variables.host_env_keys)"
+                ),
+            )),
+        },
+    }
+}
+
+fn parse_full_access(list: Option<Vec<String>>) -> Result<FullAccess, ConfigError> {
+    const KEY: &str = "fullAccessHomeservers";
+    let list = list.ok_or_else(|| {
+        ConfigError::new(
+            KEY,
+            "required when livekitUrl is set (use [\"*\"] for everyone)",
+        )
+    })?;
+    if list.is_empty() {
+        return Err(ConfigError::new(
+            KEY,
+            "must not be empty (list server names, or [\"*\"] for everyone)",
+        ));
+    }
+    if let Some(i) = list.iter().position(|s| s.trim().is_empty()) {
+        return Err(ConfigError::new(format!("{KEY}[{i}]"), "must not be empty"));
+    }
+    if list.len() == 1 && list.first().is_some_and(|s| s == "*") {
+        return Ok(FullAccess::Everyone);
+    }
+    if list.iter().any(|s| s == "*") {
+        log::warn!(
+            "{KEY}: \"*\" only means everyone as the sole entry; among other entries it matches nothing"
+        );
+    }
+    Ok(FullAccess::Only(list))
+}
+
+fn cluster_name(key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    match value {
+        None => Ok(default.to_owned()),
+        Some(v) if v.trim().is_empty() => Err(ConfigError::new(key, "must not be empty")),
+        Some(v) => Ok(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(json: &str) -> Result<Settings, ConfigError> {
+        Settings::from_json(json.as_bytes(), &no_env)
+    }
+
+    #[track_caller]
+    fn refused(json: &str, key: &str, reason_contains: &str) {
+        let err = parse(json).expect_err("configuration must be refused");
+        assert_eq!(err.key, key, "{err}");
+        assert!(
+            err.reason.contains(reason_contains),
+            "reason `{}` lacks `{reason_contains}`",
+            err.reason
+        );
+    }
+
+    const TOKEN: &str = r#""livekitUrl":"wss://sfu.example.org/livekit/sfu","livekitKey":"devkey","livekitSecret":"s3cret","fullAccessHomeservers":["example.org"]"#;
+
+    #[test]
+    fn strip_only_configuration() {
+        let s = parse(r#"{"stripPrefixes":["/livekit-jwt-service/"]}"#).unwrap();
+        assert_eq!(s.strip_prefixes[0].as_str(), "/livekit-jwt-service");
+        assert!(s.token_service.is_none());
+    }
+
+    #[test]
+    fn prefixes_sorted_longest_first() {
+        let s = parse(r#"{"stripPrefixes":["/a","/a/b","/abc/d"]}"#).unwrap();
+        let got: Vec<_> = s.strip_prefixes.iter().map(Prefix::as_str).collect();
+        assert_eq!(got, ["/abc/d", "/a/b", "/a"]);
+    }
+
+    #[test]
+    fn token_service_defaults() {
+        let s = parse(&format!("{{{TOKEN}}}")).unwrap();
+        let t = s.token_service.unwrap();
+        assert_eq!(t.livekit_url, "wss://sfu.example.org/livekit/sfu");
+        assert_eq!(
+            t.livekit_api,
+            Upstream {
+                tls: true,
+                authority: "sfu.example.org:443".into(),
+                base_path: "/livekit/sfu".into()
+            }
+        );
+        assert_eq!(t.callout_timeout_ms, 5000);
+        assert_eq!(t.token_lifetime_secs, 3600);
+        assert_eq!(t.envoy_tls_cluster, "matrixrtc_callout_tls");
+        assert_eq!(t.full_access, FullAccess::Only(vec!["example.org".into()]));
+        assert_eq!(format!("{:?}", t.api_secret), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn ws_url_derives_plain_http_api() {
+        let s = parse(r#"{"livekitUrl":"ws://127.0.0.1:7880","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["*"]}"#).unwrap();
+        let t = s.token_service.unwrap();
+        assert_eq!(t.livekit_api.authority, "127.0.0.1:7880");
+        assert!(!t.livekit_api.tls);
+        assert_eq!(t.livekit_api.base_path, "");
+        assert_eq!(t.full_access, FullAccess::Everyone);
+    }
+
+    #[test]
+    fn api_url_override_and_homeservers() {
+        let s = parse(&format!(
+            r#"{{{TOKEN},"livekitApiUrl":"http://[::1]:7880/","homeservers":{{"example.org":"http://synapse:8008/base/"}}}}"#
+        ))
+        .unwrap();
+        let t = s.token_service.unwrap();
+        assert_eq!(t.livekit_api.authority, "[::1]:7880");
+        assert_eq!(
+            t.homeservers["example.org"],
+            Upstream {
+                tls: false,
+                authority: "synapse:8008".into(),
+                base_path: "/base".into()
+            }
+        );
+    }
+
+    #[test]
+    fn secrets_from_environment() {
+        let env = |name: &str| match name {
+            "LIVEKIT_KEY" => Some("envkey".to_owned()),
+            "LIVEKIT_SECRET" => Some("envsecret\n".to_owned()),
+            _ => None,
+        };
+        let json = r#"{"livekitUrl":"wss://x","livekitKeyEnv":"LIVEKIT_KEY","livekitSecretEnv":"LIVEKIT_SECRET","fullAccessHomeservers":["*"]}"#;
+        let t = Settings::from_json(json.as_bytes(), &env)
+            .unwrap()
+            .token_service
+            .unwrap();
+        assert_eq!(t.api_key, "envkey");
+        assert_eq!(t.api_secret.expose(), b"envsecret");
+    }
+
+    #[test]
+    fn empty_document_has_nothing_to_do() {
+        refused("", "stripPrefixes", "nothing to do");
+        refused("{}", "stripPrefixes", "nothing to do");
+    }
+
+    #[test]
+    fn not_json_and_trailing_data() {
+        refused("not json", "(json)", "must be a JSON object");
+        refused("{not json", "(json)", "key must be a string");
+        refused(r#"{"stripPrefixes":["/a"]} x"#, "(json)", "trailing");
+        refused(r#"[["/a"]]"#, "(json)", "must be a JSON object");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        refused(
+            r#"{"stripPrefix":["/a"]}"#,
+            "stripPrefix",
+            "unknown field `stripPrefix`",
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        refused(
+            &format!(r#"{{{TOKEN},"calloutTimeoutMs":"5s"}}"#),
+            "calloutTimeoutMs",
+            "invalid type: string",
+        );
+        refused(r#"{"stripPrefixes":"/a"}"#, "stripPrefixes", "invalid type");
+        refused(
+            r#"{"stripPrefixes":[1]}"#,
+            "stripPrefixes[0]",
+            "invalid type",
+        );
+    }
+
+    #[test]
+    fn invalid_prefixes() {
+        refused(
+            r#"{"stripPrefixes":["/"]}"#,
+            "stripPrefixes[0]",
+            "`/` alone",
+        );
+        refused(
+            r#"{"stripPrefixes":["//"]}"#,
+            "stripPrefixes[0]",
+            "`/` alone",
+        );
+        refused(
+            r#"{"stripPrefixes":["a"]}"#,
+            "stripPrefixes[0]",
+            "must start with `/`",
+        );
+        refused(
+            r#"{"stripPrefixes":["/a","/a/"]}"#,
+            "stripPrefixes[1]",
+            "duplicate",
+        );
+        refused(r#"{"stripPrefixes":["/a?b"]}"#, "stripPrefixes[0]", "`?`");
+        refused(
+            r#"{"stripPrefixes":["/a//b"]}"#,
+            "stripPrefixes[0]",
+            "empty segment",
+        );
+    }
+
+    #[test]
+    fn missing_secret_is_named() {
+        refused(
+            r#"{"livekitUrl":"wss://x","livekitKey":"k","fullAccessHomeservers":["*"]}"#,
+            "livekitSecret",
+            "required",
+        );
+        refused(
+            r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecretEnv":"NOPE","fullAccessHomeservers":["*"]}"#,
+            "livekitSecretEnv",
+            "`NOPE` is not set",
+        );
+        refused(
+            r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":"a","livekitSecretEnv":"B","fullAccessHomeservers":["*"]}"#,
+            "livekitSecret",
+            "not both",
+        );
+    }
+
+    #[test]
+    fn secret_value_never_in_error() {
+        let err = parse(r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":"hunter2","livekitSecretEnv":"B","fullAccessHomeservers":["*"]}"#).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn full_access_rules() {
+        refused(
+            r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":"s"}"#,
+            "fullAccessHomeservers",
+            "required",
+        );
+        refused(
+            r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":[]}"#,
+            "fullAccessHomeservers",
+            "must not be empty",
+        );
+        let s = parse(r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["*","example.org"]}"#).unwrap();
+        let fa = s.token_service.unwrap().full_access;
+        assert!(fa.allows("example.org"));
+        assert!(!fa.allows("other.example"));
+        assert!(!fa.allows("Example.org"));
+        assert!(!fa.allows("example.org:8448"));
+    }
+
+    #[test]
+    fn invalid_urls() {
+        refused(
+            r#"{"livekitUrl":"sfu.example.org","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["*"]}"#,
+            "livekitUrl",
+            "scheme",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"livekitApiUrl":"wss://x"}}"#),
+            "livekitApiUrl",
+            "http or https",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"homeservers":{{"example.org":"http://h:1/?q"}}}}"#),
+            "homeservers.example.org",
+            "query",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"homeservers":{{"bad name!":"http://h:1"}}}}"#),
+            "homeservers.bad name!",
+            "not a valid server name",
+        );
+    }
+
+    #[test]
+    fn bounds() {
+        refused(
+            &format!(r#"{{{TOKEN},"calloutTimeoutMs":0}}"#),
+            "calloutTimeoutMs",
+            "between",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"calloutTimeoutMs":-1}}"#),
+            "calloutTimeoutMs",
+            "invalid value",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"tokenLifetimeSecs":5}}"#),
+            "tokenLifetimeSecs",
+            "between",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"envoyTlsCluster":""}}"#),
+            "envoyTlsCluster",
+            "empty",
+        );
+    }
+
+    #[test]
+    fn token_keys_without_url_refused() {
+        refused(
+            r#"{"stripPrefixes":["/a"],"livekitSecret":"s"}"#,
+            "livekitSecret",
+            "livekitUrl is not set",
+        );
+    }
+}

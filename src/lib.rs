@@ -1,0 +1,30 @@
+//! MatrixRTC LiveKit authorization inside the reverse proxy.
+//!
+//! One host-agnostic core and thin host adapters:
+//!
+//! - [`config`]: the plugin configuration (`SPEC.md` section 2) into immutable [`config::Settings`];
+//! - [`path`]: strip-prefix rules (section 3);
+//! - [`matrix`]: server names, the OpenID userinfo callout, Matrix-style errors;
+//! - [`livekit`]: room alias / identity derivation, LiveKit access token claims, CreateRoom;
+//! - [`requests`]: token request bodies and their validation;
+//! - [`response`]: local replies with lk-jwt-service's CORS headers;
+//! - [`exchange`]: routing and the token exchange state machine (section 4);
+//! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio.
+//!
+//! The core never panics on input: clippy denies `unwrap`, `expect`, `panic!` and slice
+//! indexing outside tests (see `Cargo.toml`), because a panic in a host callback kills the
+//! proxy's wasm VM and fails every later request.
+
+pub mod config;
+pub mod exchange;
+pub mod livekit;
+pub mod matrix;
+pub mod path;
+pub mod requests;
+pub mod response;
+
+#[cfg(target_arch = "wasm32")]
+mod proxy_wasm_filter;
+
+/// `User-Agent` of every callout.
+pub const USER_AGENT: &str = concat!("matrixrtc-livekit-auth/", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,344 @@
+//! The proxy-wasm adapter (ABI 0.2.1): a root context that reads and validates the plugin
+//! configuration once, and an http context per request that turns the core's decisions into
+//! host calls (`set_http_request_header`, `send_http_response`, `dispatch_http_call`).
+//!
+//! Every host call goes through `proxy_wasm::hostcalls`, whose `Result`s are handled here,
+//! instead of the SDK trait helpers that `unwrap` them: a panic would kill the VM. Facts this
+//! relies on (measured, `shared/notes/hosts.md`): a callback may carry zero headers (reset after
+//! headers); a synchronous `dispatch_http_call` error means no callback will ever come.
+
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+
+use crate::config::Settings;
+use crate::exchange::{
+    self, Callout, CalloutResult, Decision, Step, TokenExchange, MAX_REQUEST_BODY_BYTES,
+};
+use crate::matrix::MatrixError;
+use crate::requests::TokenEndpoint;
+use crate::response::LocalResponse;
+
+#[allow(unsafe_code)] // the SDK's entry point macro calls the wasm constructors
+mod entry {
+    use super::*;
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(LogLevel::Trace);
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { settings: None }) });
+    }}
+}
+
+/// Root context: owns the validated plugin configuration.
+struct Root {
+    settings: Option<Rc<Settings>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(status) => {
+                log::error!("invalid plugin configuration: cannot read it ({status:?})");
+                return false;
+            }
+        };
+        match Settings::from_json(&bytes, &|name| std::env::var(name).ok()) {
+            Ok(settings) => {
+                let prefixes: Vec<&str> =
+                    settings.strip_prefixes.iter().map(|p| p.as_str()).collect();
+                match &settings.token_service {
+                    Some(t) => log::info!(
+                        "configured: stripPrefixes {prefixes:?}; token service on, LiveKit API {}://{}{}, callout clusters {} / {}",
+                        if t.livekit_api.tls { "https" } else { "http" },
+                        t.livekit_api.authority,
+                        t.livekit_api.base_path,
+                        t.envoy_tls_cluster,
+                        t.envoy_plain_cluster,
+                    ),
+                    None => log::info!("configured: stripPrefixes {prefixes:?}; token service off"),
+                }
+                self.settings = Some(Rc::new(settings));
+                true
+            }
+            Err(e) => {
+                log::error!("{e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // The SDK panics on `None`; without settings (never configured) the filter passes
+        // everything through.
+        Some(Box::new(Filter {
+            settings: self.settings.clone(),
+            phase: Phase::Idle,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+enum Phase {
+    Idle,
+    ReadingBody(TokenEndpoint),
+    AwaitingCallout { token: u32, exchange: TokenExchange },
+    Answered,
+}
+
+/// Http context: one request.
+struct Filter {
+    settings: Option<Rc<Settings>>,
+    phase: Phase,
+}
+
+fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+fn now_secs() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Filter {
+    fn respond(&mut self, response: &LocalResponse) -> Action {
+        let headers: Vec<(&str, &str)> = response
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        let body = (!response.body.is_empty()).then_some(response.body.as_slice());
+        if let Err(status) =
+            hostcalls::send_http_response(u32::from(response.status), headers, body)
+        {
+            log::error!("send_http_response failed: {status:?}");
+        }
+        self.phase = Phase::Answered;
+        Action::Pause
+    }
+
+    fn finish_body(&mut self, endpoint: TokenEndpoint, body: &[u8]) -> Action {
+        let Some(settings) = self.settings.clone() else {
+            return Action::Continue;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return Action::Continue;
+        };
+        let (exchange, step) = TokenExchange::start(service, endpoint, body);
+        self.drive(exchange, step)
+    }
+
+    /// Runs steps until one needs to wait for a callout or answers the client.
+    fn drive(&mut self, mut exchange: TokenExchange, mut step: Step) -> Action {
+        let Some(settings) = self.settings.clone() else {
+            return Action::Continue;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return Action::Continue;
+        };
+        loop {
+            match step {
+                Step::Respond(r) => return self.respond(&r),
+                Step::Callout(c) => {
+                    let cluster = if c.upstream.tls {
+                        &service.envoy_tls_cluster
+                    } else {
+                        &service.envoy_plain_cluster
+                    };
+                    match dispatch(cluster, &c) {
+                        Ok(token) => {
+                            self.phase = Phase::AwaitingCallout { token, exchange };
+                            return Action::Pause;
+                        }
+                        Err(detail) => {
+                            // No callback will ever come: answer now.
+                            log::warn!(
+                                "callout to {} via cluster {cluster} not dispatched: {detail}",
+                                c.upstream.authority
+                            );
+                            let result = CalloutResult {
+                                status: None,
+                                body: &[],
+                                detail: &detail,
+                            };
+                            step = exchange.on_callout_response(service, result, now_secs());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(cluster: &str, c: &Callout) -> Result<u32, String> {
+    let scheme = if c.upstream.tls { "https" } else { "http" };
+    let mut headers: Vec<(&str, &str)> = vec![
+        (":method", c.method),
+        (":path", &c.path),
+        (":authority", &c.upstream.authority),
+        (":scheme", scheme),
+        ("user-agent", crate::USER_AGENT),
+    ];
+    headers.extend(c.headers.iter().map(|(k, v)| (*k, v.as_str())));
+    let body = (!c.body.is_empty()).then_some(c.body.as_slice());
+    hostcalls::dispatch_http_call(
+        cluster,
+        headers,
+        body,
+        vec![],
+        Duration::from_millis(c.timeout_ms),
+    )
+    .map_err(|status| format!("dispatch_http_call returned {status:?}"))
+}
+
+impl Context for Filter {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Phase::AwaitingCallout { token, .. } = &self.phase else {
+            return;
+        };
+        if *token != token_id {
+            return;
+        }
+        let Phase::AwaitingCallout { mut exchange, .. } =
+            std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            return;
+        };
+        let Some(settings) = self.settings.clone() else {
+            return;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return;
+        };
+        // Zero headers is possible (reset after headers): search the list, never assume.
+        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let genuine = headers
+            .iter()
+            .any(|(k, _)| k == "x-envoy-upstream-service-time");
+        let max = exchange.max_callout_body();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(max))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        // Envoy's own local replies (connect failure, timeout) explain themselves in the body;
+        // a genuine upstream body is not logged.
+        let detail = if status.is_some_and(|s| (200..300).contains(&s)) || genuine {
+            String::new()
+        } else {
+            let text: String =
+                String::from_utf8_lossy(body.get(..body.len().min(160)).unwrap_or_default()).into();
+            format!("(proxy: {})", text.trim())
+        };
+        let result = CalloutResult {
+            status,
+            body: &body,
+            detail: &detail,
+        };
+        let step = exchange.on_callout_response(service, result, now_secs());
+        let _ = self.drive(exchange, step);
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(settings) = self.settings.clone() else {
+            return Action::Continue;
+        };
+        let (Some(method), Some(target)) = (request_header(":method"), request_header(":path"))
+        else {
+            return Action::Continue;
+        };
+        match exchange::route(&settings, &method, &target) {
+            Decision::PassThrough => Action::Continue,
+            Decision::Forward { prefix, target } => {
+                let set =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(&target))
+                        .and_then(|()| {
+                            hostcalls::set_map_value(
+                                MapType::HttpRequestHeaders,
+                                "x-forwarded-prefix",
+                                Some(prefix.as_str()),
+                            )
+                        });
+                if let Err(status) = set {
+                    log::error!("rewriting the request path failed: {status:?}");
+                }
+                Action::Continue
+            }
+            Decision::Respond(r) => self.respond(&r),
+            Decision::ReadBody(endpoint) => {
+                let declared =
+                    request_header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+                if declared.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES) {
+                    return self.respond(&LocalResponse::error(MatrixError::TOO_LARGE));
+                }
+                if end_of_stream {
+                    return self.finish_body(endpoint, &[]);
+                }
+                self.phase = Phase::ReadingBody(endpoint);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Phase::ReadingBody(endpoint) = self.phase else {
+            return match self.phase {
+                Phase::Idle => Action::Continue,
+                _ => Action::Pause,
+            };
+        };
+        if body_size > MAX_REQUEST_BODY_BYTES {
+            return self.respond(&LocalResponse::error(MatrixError::TOO_LARGE));
+        }
+        if !end_of_stream {
+            return Action::Pause; // keep buffering
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        self.finish_body(endpoint, &body)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A body followed by trailers never has end_of_stream set in the body callback.
+        let Phase::ReadingBody(endpoint) = self.phase else {
+            return match self.phase {
+                Phase::Idle => Action::Continue,
+                _ => Action::Pause,
+            };
+        };
+        let body =
+            hostcalls::get_buffer(BufferType::HttpRequestBody, 0, MAX_REQUEST_BODY_BYTES + 1)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+        if body.len() > MAX_REQUEST_BODY_BYTES {
+            return self.respond(&LocalResponse::error(MatrixError::TOO_LARGE));
+        }
+        self.finish_body(endpoint, &body)
+    }
+}
