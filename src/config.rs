@@ -22,6 +22,8 @@ pub const MAX_CALLOUT_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_ENVOY_TLS_CLUSTER: &str = "matrixrtc_callout_tls";
 /// Default name of the Envoy cluster (dynamic forward proxy, plain HTTP) that carries `http` callouts.
 pub const DEFAULT_ENVOY_PLAIN_CLUSTER: &str = "matrixrtc_callout_plain";
+/// Default name of the Envoy cluster that reaches the LiveKit server API (CreateRoom).
+pub const DEFAULT_ENVOY_LIVEKIT_CLUSTER: &str = "matrixrtc_livekit";
 /// Default lifetime of a LiveKit access token, in seconds (lk-jwt-service: one hour).
 pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3_600;
 
@@ -44,6 +46,7 @@ struct RawConfig {
     token_lifetime_secs: Option<u64>,
     envoy_tls_cluster: Option<String>,
     envoy_plain_cluster: Option<String>,
+    envoy_livekit_cluster: Option<String>,
 }
 
 /// Why a plugin configuration was refused: the key at fault and the reason.
@@ -203,6 +206,11 @@ pub struct TokenService {
     pub envoy_tls_cluster: String,
     /// Envoy cluster for `http` callouts.
     pub envoy_plain_cluster: String,
+    /// Envoy cluster for LiveKit server API callouts. A regular (static or DNS) cluster, not a
+    /// dynamic forward proxy: Envoy 1.40 refuses a callout with a body while a dynamic
+    /// forward proxy looks up a new host ("buffer limit … exceeded due to async host
+    /// selection"), so the first CreateRoom to a new host would always fail.
+    pub envoy_livekit_cluster: String,
 }
 
 /// The validated plugin configuration shared by every request.
@@ -313,6 +321,7 @@ fn refuse_token_keys_without_url(raw: &RawConfig) -> Result<(), ConfigError> {
         ("tokenLifetimeSecs", raw.token_lifetime_secs.is_some()),
         ("envoyTlsCluster", raw.envoy_tls_cluster.is_some()),
         ("envoyPlainCluster", raw.envoy_plain_cluster.is_some()),
+        ("envoyLivekitCluster", raw.envoy_livekit_cluster.is_some()),
     ];
     match set.iter().find(|(_, is_set)| *is_set) {
         Some((key, _)) => Err(ConfigError::new(
@@ -384,6 +393,11 @@ fn parse_token_service(
         raw.envoy_plain_cluster,
         DEFAULT_ENVOY_PLAIN_CLUSTER,
     )?;
+    let envoy_livekit_cluster = cluster_name(
+        "envoyLivekitCluster",
+        raw.envoy_livekit_cluster,
+        DEFAULT_ENVOY_LIVEKIT_CLUSTER,
+    )?;
     Ok(TokenService {
         livekit_url,
         livekit_api,
@@ -395,6 +409,7 @@ fn parse_token_service(
         token_lifetime_secs,
         envoy_tls_cluster,
         envoy_plain_cluster,
+        envoy_livekit_cluster,
     })
 }
 
@@ -525,6 +540,7 @@ mod tests {
         assert_eq!(t.callout_timeout_ms, 5000);
         assert_eq!(t.token_lifetime_secs, 3600);
         assert_eq!(t.envoy_tls_cluster, "matrixrtc_callout_tls");
+        assert_eq!(t.envoy_livekit_cluster, "matrixrtc_livekit");
         assert_eq!(t.full_access, FullAccess::Only(vec!["example.org".into()]));
         assert_eq!(format!("{:?}", t.api_secret), "Secret(<redacted>)");
     }

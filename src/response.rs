@@ -55,9 +55,11 @@ impl LocalResponse {
         Self::with_cors(200, body.into_bytes())
     }
 
-    /// 200 answer to a CORS preflight (`OPTIONS`), empty body.
+    /// 200 answer to a CORS preflight (`OPTIONS`): the CORS headers, `Content-Type:
+    /// application/json` and the body `{}`. (lk-jwt-service sends no body; Envoy drops the
+    /// `Content-Type` of a bodiless local reply, and the contract wants the header.)
     pub fn preflight() -> Self {
-        Self::with_cors(200, Vec::new())
+        Self::with_cors(200, b"{}".to_vec())
     }
 
     /// `/healthz`: 200 with an empty body.

@@ -16,7 +16,8 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Settings;
 use crate::exchange::{
-    self, Callout, CalloutResult, Decision, Step, TokenExchange, MAX_REQUEST_BODY_BYTES,
+    self, Callout, CalloutResult, CalloutTarget, Decision, Step, TokenExchange,
+    MAX_REQUEST_BODY_BYTES,
 };
 use crate::matrix::MatrixError;
 use crate::requests::TokenEndpoint;
@@ -53,10 +54,11 @@ impl RootContext for Root {
                     settings.strip_prefixes.iter().map(|p| p.as_str()).collect();
                 match &settings.token_service {
                     Some(t) => log::info!(
-                        "configured: stripPrefixes {prefixes:?}; token service on, LiveKit API {}://{}{}, callout clusters {} / {}",
+                        "configured: stripPrefixes {prefixes:?}; token service on, LiveKit API {}://{}{} via cluster {}, homeserver callout clusters {} / {}",
                         if t.livekit_api.tls { "https" } else { "http" },
                         t.livekit_api.authority,
                         t.livekit_api.base_path,
+                        t.envoy_livekit_cluster,
                         t.envoy_tls_cluster,
                         t.envoy_plain_cluster,
                     ),
@@ -152,10 +154,10 @@ impl Filter {
             match step {
                 Step::Respond(r) => return self.respond(&r),
                 Step::Callout(c) => {
-                    let cluster = if c.upstream.tls {
-                        &service.envoy_tls_cluster
-                    } else {
-                        &service.envoy_plain_cluster
+                    let cluster = match (c.target, c.upstream.tls) {
+                        (CalloutTarget::LiveKit, _) => &service.envoy_livekit_cluster,
+                        (CalloutTarget::Homeserver, true) => &service.envoy_tls_cluster,
+                        (CalloutTarget::Homeserver, false) => &service.envoy_plain_cluster,
                     };
                     match dispatch(cluster, &c) {
                         Ok(token) => {
@@ -289,6 +291,7 @@ impl HttpContext for Filter {
             }
             Decision::Respond(r) => self.respond(&r),
             Decision::ReadBody(endpoint) => {
+                log::debug!("token request to {endpoint:?}: reading the body");
                 let declared =
                     request_header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
                 if declared.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES) {
@@ -304,6 +307,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        log::debug!("request body: {body_size} bytes buffered, end_of_stream {end_of_stream}");
         let Phase::ReadingBody(endpoint) = self.phase else {
             return match self.phase {
                 Phase::Idle => Action::Continue,

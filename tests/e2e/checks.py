@@ -1,0 +1,123 @@
+"""Assertion helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import hashlib
+import base64
+import json
+import uuid
+
+import jwt as pyjwt
+from livekit.api import TokenVerifier
+
+from harness import LIVEKIT_KEY, LIVEKIT_SECRET, Response
+
+CORS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "POST",
+    "access-control-allow-headers": "Accept, Content-Type, Content-Length, Accept-Encoding, X-CSRF-Token",
+}
+
+
+def b64_sha256_json(items: list[str]) -> str:
+    """lk-jwt-service's derivation, computed independently (Go json.Marshal is compact and
+    HTML-escapes <, >, &; the test inputs avoid those)."""
+    raw = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode()
+    return base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def room_alias(room_id: str, slot_id: str = "m.call#ROOM") -> str:
+    return b64_sha256_json([room_id, slot_id])
+
+
+def identity(user_id: str, device_id: str, member_id: str) -> str:
+    return b64_sha256_json([user_id, device_id, member_id])
+
+
+def assert_cors_once(r: Response) -> None:
+    __tracebackhide__ = True
+    for name, value in CORS.items():
+        assert r.header(name) == [value], f"{name}: {r.header(name)} in {r.headers}"
+
+
+def assert_matrix_error(r: Response, status: int, errcode: str, error: str | None = None) -> None:
+    __tracebackhide__ = True
+    assert r.status == status, f"status {r.status}, body {r.body!r}"
+    assert r.header("content-type") == ["application/json"], r.headers
+    body = r.json()
+    assert body["errcode"] == errcode, body
+    if error is not None:
+        assert body["error"] == error, body
+    assert "jwt" not in body
+    assert_cors_once(r)
+
+
+def assert_client_token(r: Response, *, livekit_url: str, room: str, identity: str,
+                        full_access: bool, lifetime: int = 3600) -> dict:
+    """A 200 token answer whose JWT LiveKit's own verifier accepts, with exactly the grants of
+    SPEC section 4. Returns the claims."""
+    __tracebackhide__ = True
+    assert r.status == 200, f"status {r.status}, body {r.body!r}"
+    assert_cors_once(r)
+    body = r.json()
+    assert set(body) == {"url", "jwt"}, body
+    assert body["url"] == livekit_url
+    token = body["jwt"]
+    header = pyjwt.get_unverified_header(token)
+    assert header["alg"] == "HS256", header
+    claims = pyjwt.decode(token, LIVEKIT_SECRET, algorithms=["HS256"], options={"verify_aud": False})
+    assert claims["iss"] == LIVEKIT_KEY
+    assert claims["sub"] == identity
+    assert isinstance(claims["nbf"], int) and isinstance(claims["exp"], int)
+    assert claims["exp"] - claims["nbf"] == lifetime
+    assert claims["video"] == {
+        "room": room, "roomJoin": True, "canPublish": full_access,
+        "canSubscribe": True, "canUpdateOwnMetadata": True,
+    }, claims["video"]
+    verified = TokenVerifier(LIVEKIT_KEY, LIVEKIT_SECRET).verify(token)
+    assert verified.identity == identity
+    assert verified.video.room == room
+    assert verified.video.room_join is True
+    assert verified.video.can_publish is full_access
+    assert not verified.video.room_create
+    # Signed with the configured secret only.
+    try:
+        TokenVerifier(LIVEKIT_KEY, "wrong-secret-wrong-secret-wrong-secret").verify(token)
+    except Exception:
+        pass
+    else:
+        raise AssertionError("token verified with a wrong secret")
+    return claims
+
+
+def new_token() -> str:
+    return "tok_" + uuid.uuid4().hex
+
+
+def openid(token: str, server: str = "example.org") -> dict:
+    return {"access_token": token, "token_type": "Bearer", "matrix_server_name": server, "expires_in": 3600}
+
+
+def get_token_body(token: str, *, server: str = "example.org", user: str = "@alice:example.org",
+                   room_id: str = "!room:example.org", slot_id: str = "m.call#ROOM",
+                   device: str = "DEVICE", member_id: str = "member-1", **extra) -> dict:
+    body = {
+        "room_id": room_id, "slot_id": slot_id, "openid_token": openid(token, server),
+        "member": {"id": member_id, "claimed_user_id": user, "claimed_device_id": device},
+    }
+    body.update(extra)
+    return body
+
+
+def sfu_get_body(token: str, *, server: str = "example.org", room: str = "!room:example.org",
+                 device: str = "DEVICE", **extra) -> dict:
+    body = {"room": room, "openid_token": openid(token, server), "device_id": device}
+    body.update(extra)
+    return body
+
+
+def post_json(port: int, target: str, body, **kw) -> Response:
+    from harness import request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return request(port, "POST", target, data, headers={"Content-Type": "application/json"}, **kw)

