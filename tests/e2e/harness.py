@@ -149,7 +149,7 @@ class _Server(ThreadingHTTPServer):
 class FakeServer:
     """Base of the fakes: a threaded HTTP(S) server on 127.0.0.1 that records requests."""
 
-    def __init__(self, tls: TestCA | None = None):
+    def __init__(self, tls: TestCA | None = None, port: int = 0):
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -171,7 +171,7 @@ class FakeServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", port), Handler)
         if tls is not None:
             self._server.socket = tls.server_context().wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
@@ -225,9 +225,9 @@ class FakeHomeserver(FakeServer):
     a user ID string (200 {"sub": …}), a `(status, body_bytes)` tuple, or "hang" / "reset".
     Unknown tokens get 401 M_UNKNOWN_TOKEN, as Synapse answers."""
 
-    def __init__(self, tls: TestCA | None = None):
+    def __init__(self, tls: TestCA | None = None, port: int = 0):
         self.tokens: dict[str, object] = {}
-        super().__init__(tls)
+        super().__init__(tls, port)
 
     def handle(self, h, rec):
         url = urllib.parse.urlsplit(rec.path)
@@ -264,9 +264,9 @@ class FakeSfu(FakeServer):
     generated classes and answers `status` (200: a `Room` message; else a Twirp JSON error), or
     hangs when `status == "hang"`."""
 
-    def __init__(self, tls: TestCA | None = None):
+    def __init__(self, tls: TestCA | None = None, port: int = 0):
         self.status: object = 200
-        super().__init__(tls)
+        super().__init__(tls, port)
 
     def handle(self, h, rec):
         from livekit.protocol.models import Room
@@ -420,20 +420,31 @@ def _point_livekit_cluster(cluster: dict, plugin_config: dict, ca: TestCA | None
 
 class Envoy:
     """A real Envoy process with the filter. Use as a context manager; the log is kept in
-    `log_path` and printed by the tests' failure hook."""
+    `log_path` and printed by the tests' failure hook.
 
-    def __init__(self, workdir: Path, plugin_config: dict | str, *, upstream_port: int,
-                 ca: TestCA | None, tls_mode: str = "ca", env: dict[str, str] | None = None,
-                 log_level: str = "info", config_override=None):
+    By default the config is the shipped `envoy/envoy.yaml` rewritten by `envoy_config`; with
+    `config_file` a file is run as it is (the demo runs the shipped file unmodified)."""
+
+    def __init__(self, workdir: Path, plugin_config: dict | str | None = None, *, upstream_port: int = 0,
+                 ca: TestCA | None = None, tls_mode: str = "ca", env: dict[str, str] | None = None,
+                 log_level: str = "info", config_override=None, config_file: Path | None = None,
+                 cwd: Path | None = None):
         self.workdir = Path(tempfile.mkdtemp(prefix="envoy-", dir=workdir))
-        self.port = free_port()
-        self.admin_port = free_port()
-        cfg = envoy_config(plugin_config, listener_port=self.port, admin_port=self.admin_port,
-                           upstream_port=upstream_port, ca=ca, tls_mode=tls_mode)
-        if config_override:
-            config_override(cfg)
-        self.config_path = self.workdir / "envoy.yaml"
-        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if config_file is not None:
+            self.config_path = Path(config_file).resolve()
+            cfg = yaml.safe_load(self.config_path.read_text())
+            self.port = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+            self.admin_port = cfg["admin"]["address"]["socket_address"]["port_value"]
+        else:
+            self.port = free_port()
+            self.admin_port = free_port()
+            cfg = envoy_config(plugin_config, listener_port=self.port, admin_port=self.admin_port,
+                               upstream_port=upstream_port, ca=ca, tls_mode=tls_mode)
+            if config_override:
+                config_override(cfg)
+            self.config_path = self.workdir / "envoy.yaml"
+            self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.cwd = cwd or self.workdir
         self.log_path = self.workdir / "envoy.log"
         self.env = {"PATH": os.environ.get("PATH", ""), "LIVEKIT_SECRET": LIVEKIT_SECRET,
                     "LIVEKIT_KEY": LIVEKIT_KEY, **(env or {})}
@@ -447,7 +458,7 @@ class Envoy:
             [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
              "--concurrency", "2", "--log-level", self.log_level,
              "--component-log-level", "wasm:debug"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -468,7 +479,7 @@ class Envoy:
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
              "--concurrency", "1", "--log-level", self.log_level],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
         )
         try:
             return self.proc.wait(timeout)
@@ -478,7 +489,7 @@ class Envoy:
     def validate(self) -> subprocess.CompletedProcess:
         return subprocess.run(
             [envoy_binary(), "--mode", "validate", "-c", str(self.config_path), "--disable-hot-restart"],
-            capture_output=True, text=True, env=self.env, cwd=self.workdir, timeout=120,
+            capture_output=True, text=True, env=self.env, cwd=self.cwd, timeout=120,
         )
 
     def log(self) -> str:

@@ -1,0 +1,99 @@
+"""The main job: real Envoy running the shipped envoy/envoy.yaml unmodified with the filter,
+a real Synapse for the server name `matrix.localhost`, a Matrix user who obtains an OpenID
+token, and a LiveKit access token minted through /livekit-jwt-service/get_token.
+
+Ports (all 127.0.0.1, as in envoy/envoy.yaml): Envoy 8080 (admin 9901), Synapse 8008, LiveKit
+API 7880 (a recording fake: no LiveKit server is available from the package registries here),
+upstream 8081 (an echo server, to show strip-prefix on pass-through traffic).
+Run it with scripts/demo.sh, which builds the filter and installs what it needs first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+import jwt as pyjwt  # noqa: E402
+from livekit.api import TokenVerifier  # noqa: E402
+
+from harness import EchoUpstream, Envoy, FakeSfu, request  # noqa: E402
+from synapse import Synapse  # noqa: E402
+
+KEY, SECRET = "devkey", "demo-secret-change-me-0123456789abcdef"
+
+
+def step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="matrixrtc-demo-"))
+    sfu = upstream = synapse = envoy = None
+    try:
+        step("starting a fake LiveKit API on 127.0.0.1:7880 and an echo upstream on 127.0.0.1:8081")
+        sfu = FakeSfu(port=7880)
+        upstream = EchoUpstream(port=8081)
+
+        step("starting Synapse (server name matrix.localhost) on 127.0.0.1:8008")
+        synapse = Synapse(work / "synapse", 8008, "matrix.localhost").start()
+        synapse.register("alice", "demo-password")
+        session = synapse.login("alice", "demo-password")
+        print(f"    logged in as {session['user_id']} on device {session['device_id']}")
+
+        step("starting Envoy with envoy/envoy.yaml (listener 127.0.0.1:8080)")
+        envoy = Envoy(work, config_file=ROOT / "envoy" / "envoy.yaml", cwd=ROOT,
+                      env={"LIVEKIT_KEY": KEY, "LIVEKIT_SECRET": SECRET}).start()
+
+        step("requesting a Matrix OpenID token from Synapse")
+        openid = synapse.openid_token(session)
+        print(f"    matrix_server_name={openid['matrix_server_name']} expires_in={openid['expires_in']}")
+
+        step("POST http://127.0.0.1:8080/livekit-jwt-service/get_token")
+        body = {
+            "room_id": "!demo:matrix.localhost",
+            "slot_id": "m.call#ROOM",
+            "openid_token": openid,
+            "member": {"id": "demo-member", "claimed_user_id": session["user_id"],
+                       "claimed_device_id": session["device_id"]},
+        }
+        r = request(8080, "POST", "/livekit-jwt-service/get_token", json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"})
+        print(f"    HTTP {r.status}")
+        if r.status != 200:
+            print(r.body.decode(errors="replace"))
+            print(envoy.log()[-3000:])
+            return 1
+        answer = r.json()
+        print(f"    url: {answer['url']}")
+        claims = pyjwt.decode(answer["jwt"], options={"verify_signature": False})
+        print("    LiveKit access token claims:")
+        print("      " + json.dumps(claims, indent=2).replace("\n", "\n      "))
+        verified = TokenVerifier(KEY, SECRET).verify(answer["jwt"])
+        print(f"    LiveKit's TokenVerifier accepts it: identity={verified.identity} room={verified.video.room}")
+        [(call, req)] = sfu.create_room_calls()
+        print(f"    the SFU got CreateRoom {call.path} name={req.name} empty_timeout={req.empty_timeout}"
+              f" departure_timeout={req.departure_timeout}")
+
+        step("strip-prefix on pass-through traffic: GET /livekit-jwt-service//status?x=1")
+        r = request(8080, "GET", "/livekit-jwt-service//status?x=1")
+        echo = r.json()
+        fwd = [v for k, v in echo["headers"] if k.lower() == "x-forwarded-prefix"]
+        print(f"    upstream received {echo['method']} {echo['path']} with X-Forwarded-Prefix {fwd}")
+        print("\nOK: token minted inside Envoy; no lk-jwt-service involved.")
+        return 0
+    finally:
+        for thing in (envoy, synapse):
+            if thing is not None:
+                thing.stop()
+        for fake in (sfu, upstream):
+            if fake is not None:
+                fake.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: build the filter, start real Envoy with envoy/envoy.yaml, a real Synapse and a
+# fake LiveKit API on 127.0.0.1, get a Matrix OpenID token and exchange it for a LiveKit access
+# token through /livekit-jwt-service/get_token, printing the decoded claims.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python scripts/demo.py
