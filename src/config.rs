@@ -11,6 +11,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use crate::discovery::HomeserverPolicy;
 use crate::matrix::ServerName;
 use crate::path::Prefix;
 
@@ -47,6 +48,8 @@ struct RawConfig {
     envoy_tls_cluster: Option<String>,
     envoy_plain_cluster: Option<String>,
     envoy_livekit_cluster: Option<String>,
+    allowed_homeservers: Option<Vec<String>>,
+    allow_private_addresses: Option<bool>,
 }
 
 /// Why a plugin configuration was refused: the key at fault and the reason.
@@ -211,6 +214,8 @@ pub struct TokenService {
     /// forward proxy looks up a new host ("buffer limit … exceeded due to async host
     /// selection"), so the first CreateRoom to a new host would always fail.
     pub envoy_livekit_cluster: String,
+    /// Which homeservers a client-supplied server name may make the proxy call.
+    pub homeserver_policy: HomeserverPolicy,
 }
 
 /// The validated plugin configuration shared by every request.
@@ -322,6 +327,11 @@ fn refuse_token_keys_without_url(raw: &RawConfig) -> Result<(), ConfigError> {
         ("envoyTlsCluster", raw.envoy_tls_cluster.is_some()),
         ("envoyPlainCluster", raw.envoy_plain_cluster.is_some()),
         ("envoyLivekitCluster", raw.envoy_livekit_cluster.is_some()),
+        ("allowedHomeservers", raw.allowed_homeservers.is_some()),
+        (
+            "allowPrivateAddresses",
+            raw.allow_private_addresses.is_some(),
+        ),
     ];
     match set.iter().find(|(_, is_set)| *is_set) {
         Some((key, _)) => Err(ConfigError::new(
@@ -398,6 +408,10 @@ fn parse_token_service(
         raw.envoy_livekit_cluster,
         DEFAULT_ENVOY_LIVEKIT_CLUSTER,
     )?;
+    let homeserver_policy = HomeserverPolicy {
+        allowed: parse_allowed(raw.allowed_homeservers)?,
+        allow_private: raw.allow_private_addresses.unwrap_or(false),
+    };
     Ok(TokenService {
         livekit_url,
         livekit_api,
@@ -410,6 +424,7 @@ fn parse_token_service(
         envoy_tls_cluster,
         envoy_plain_cluster,
         envoy_livekit_cluster,
+        homeserver_policy,
     })
 }
 
@@ -475,6 +490,28 @@ fn parse_full_access(list: Option<Vec<String>>) -> Result<FullAccess, ConfigErro
         );
     }
     Ok(FullAccess::Only(list))
+}
+
+/// `allowedHomeservers`: server names, or `*.` followed by a server name for its subdomains.
+fn parse_allowed(list: Option<Vec<String>>) -> Result<Option<Vec<String>>, ConfigError> {
+    const KEY: &str = "allowedHomeservers";
+    let Some(list) = list else { return Ok(None) };
+    if list.is_empty() {
+        return Err(ConfigError::new(
+            KEY,
+            "must not be empty (leave it out to allow every public homeserver)",
+        ));
+    }
+    for (i, entry) in list.iter().enumerate() {
+        let name = entry.strip_prefix("*.").unwrap_or(entry);
+        ServerName::parse(name).map_err(|reason| {
+            ConfigError::new(
+                format!("{KEY}[{i}]"),
+                format!("`{entry}` is not a server name or `*.` pattern: {reason}"),
+            )
+        })?;
+    }
+    Ok(Some(list))
 }
 
 fn cluster_name(key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
@@ -747,6 +784,38 @@ mod tests {
             &format!(r#"{{{TOKEN},"envoyTlsCluster":""}}"#),
             "envoyTlsCluster",
             "empty",
+        );
+    }
+
+    #[test]
+    fn homeserver_policy() {
+        let t = parse(&format!("{{{TOKEN}}}"))
+            .unwrap()
+            .token_service
+            .unwrap();
+        assert_eq!(t.homeserver_policy, HomeserverPolicy::default());
+        let t = parse(&format!(
+            r#"{{{TOKEN},"allowedHomeservers":["example.org","*.example.net"],"allowPrivateAddresses":true}}"#
+        ))
+        .unwrap()
+        .token_service
+        .unwrap();
+        assert!(t.homeserver_policy.allow_private);
+        assert_eq!(t.homeserver_policy.allowed.unwrap().len(), 2);
+        refused(
+            &format!(r#"{{{TOKEN},"allowedHomeservers":[]}}"#),
+            "allowedHomeservers",
+            "must not be empty",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"allowedHomeservers":["ok.org","*"]}}"#),
+            "allowedHomeservers[1]",
+            "not a server name",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"allowPrivateAddresses":"yes"}}"#),
+            "allowPrivateAddresses",
+            "invalid type",
         );
     }
 

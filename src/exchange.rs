@@ -13,8 +13,9 @@
 //! Time is passed in (`now`, seconds since the Unix epoch) so the flow is deterministic in tests.
 
 use crate::config::{Settings, TokenService, Upstream};
+use crate::discovery::{self, DiscoveryCache, Plan};
 use crate::livekit::{self, Claims};
-use crate::matrix::{self, MatrixError, ServerName};
+use crate::matrix::{self, MatrixError};
 use crate::path::{self, Prefix};
 use crate::requests::{TokenEndpoint, TokenRequest};
 use crate::response::LocalResponse;
@@ -106,6 +107,8 @@ fn token_route(method: &str, local_path: &str) -> Option<Decision<'static>> {
 pub enum CalloutTarget {
     /// The user's homeserver (OpenID userinfo).
     Homeserver,
+    /// The server name's `.well-known/matrix/server` (discovery, over TLS).
+    WellKnown,
     /// The LiveKit server API (CreateRoom).
     LiveKit,
 }
@@ -138,6 +141,8 @@ pub struct CalloutResult<'a> {
     pub status: Option<u16>,
     /// The body (possibly truncated by the host to the size the state machine reads).
     pub body: &'a [u8],
+    /// The answer's `Cache-Control` header, if any (used for `.well-known`).
+    pub cache_control: Option<&'a str>,
     /// A short description of the failure from the host (e.g. Envoy's local reply text, or
     /// "dispatch failed: BadArgument"), for the log; never contains a token.
     pub detail: &'a str,
@@ -154,6 +159,7 @@ pub enum Step {
 
 #[derive(Debug)]
 enum State {
+    AwaitWellKnown(TokenRequest),
     AwaitUserinfo(TokenRequest),
     AwaitCreateRoom {
         identity: String,
@@ -171,11 +177,19 @@ pub struct TokenExchange {
 }
 
 impl TokenExchange {
-    /// Starts an exchange for a whole request `body` sent to `endpoint`.
+    /// Starts an exchange for a whole request `body` sent to `endpoint`; `cache` holds
+    /// `.well-known` results, `now` is Unix seconds.
     ///
     /// Returns the exchange and its first step: a 400 (`M_NOT_JSON` / `M_BAD_JSON`) or 401 (a
-    /// server name that is not valid) answer, or the OpenID userinfo callout.
-    pub fn start(service: &TokenService, endpoint: TokenEndpoint, body: &[u8]) -> (Self, Step) {
+    /// server name that is invalid, not allowed or internal) answer, the `.well-known`
+    /// discovery callout, or the OpenID userinfo callout.
+    pub fn start(
+        service: &TokenService,
+        endpoint: TokenEndpoint,
+        body: &[u8],
+        cache: &dyn DiscoveryCache,
+        now: u64,
+    ) -> (Self, Step) {
         let request = match TokenRequest::decode(endpoint, body) {
             Ok(r) => r,
             Err(e) => {
@@ -183,29 +197,41 @@ impl TokenExchange {
                 return Self::done(LocalResponse::error(e));
             }
         };
-        let upstream = match service.homeservers.get(&request.matrix_server_name) {
-            Some(u) => u.clone(),
-            None => match ServerName::parse(&request.matrix_server_name) {
-                Ok(name) => name.default_upstream(),
-                Err(reason) => {
-                    log::info!("token request refused: matrix_server_name is not a valid server name ({reason})");
-                    return Self::done(LocalResponse::error(MatrixError::UNAUTHORIZED));
-                }
-            },
-        };
-        let callout = Callout {
-            target: CalloutTarget::Homeserver,
-            path: matrix::userinfo_path(&upstream.base_path, &request.access_token),
-            upstream,
-            method: "GET",
-            headers: vec![("accept", "application/json".to_owned())],
-            body: Vec::new(),
-            timeout_ms: service.callout_timeout_ms,
-        };
-        let exchange = Self {
-            state: State::AwaitUserinfo(request),
-        };
-        (exchange, Step::Callout(callout))
+        let server = &request.matrix_server_name;
+        match discovery::plan(
+            server,
+            &service.homeservers,
+            &service.homeserver_policy,
+            cache,
+            now,
+        ) {
+            Err(refusal) => {
+                log::warn!("token request refused: server name {server:?} is {refusal}");
+                Self::done(LocalResponse::error(MatrixError::UNAUTHORIZED))
+            }
+            Ok(Plan::Direct(upstream)) => {
+                let callout = userinfo_callout(service, &request, upstream);
+                let exchange = Self {
+                    state: State::AwaitUserinfo(request),
+                };
+                (exchange, Step::Callout(callout))
+            }
+            Ok(Plan::WellKnown(upstream)) => {
+                let callout = Callout {
+                    target: CalloutTarget::WellKnown,
+                    path: discovery::WELL_KNOWN_PATH.to_owned(),
+                    upstream,
+                    method: "GET",
+                    headers: vec![("accept", "application/json".to_owned())],
+                    body: Vec::new(),
+                    timeout_ms: service.callout_timeout_ms,
+                };
+                let exchange = Self {
+                    state: State::AwaitWellKnown(request),
+                };
+                (exchange, Step::Callout(callout))
+            }
+        }
     }
 
     fn done(response: LocalResponse) -> (Self, Step) {
@@ -215,14 +241,18 @@ impl TokenExchange {
     /// The largest callout answer body the current state reads, in bytes.
     pub fn max_callout_body(&self) -> usize {
         match self.state {
+            State::AwaitWellKnown(_) => discovery::MAX_WELL_KNOWN_BODY_BYTES + 1,
             State::AwaitUserinfo(_) => matrix::MAX_USERINFO_BODY_BYTES + 1,
             _ => MAX_CREATE_ROOM_BODY_BYTES,
         }
     }
 
-    /// Feeds the result of the pending callout; `now` is the time in Unix seconds.
+    /// Feeds the result of the pending callout; `cache` takes a `.well-known` result, `now`
+    /// is the time in Unix seconds.
     ///
-    /// Returns the next step: after userinfo, a 401 (verification failed, claimed user
+    /// Returns the next step: after `.well-known`, the userinfo callout (to the delegated
+    /// host, or `<hostname>:8448` when discovery failed) or a 401 (delegation to an internal
+    /// address); after userinfo, a 401 (verification failed, claimed user
     /// differs), a 400 (delayed-leave parameters, not served yet) or the CreateRoom callout;
     /// after CreateRoom, 500 (room creation failed) or 200 with the LiveKit access token. A
     /// result that arrives when no callout is pending gives a 500.
@@ -230,9 +260,43 @@ impl TokenExchange {
         &mut self,
         service: &TokenService,
         result: CalloutResult<'_>,
+        cache: &dyn DiscoveryCache,
         now: u64,
     ) -> Step {
         match std::mem::replace(&mut self.state, State::Done) {
+            State::AwaitWellKnown(request) => {
+                let server = request.matrix_server_name.clone();
+                match discovery::discovered(
+                    &server,
+                    result.status,
+                    result.cache_control,
+                    result.body,
+                    &service.homeserver_policy,
+                    now,
+                ) {
+                    Ok(found) => {
+                        match &found.fallback_reason {
+                            Some(reason) => log::info!(
+                                "discovery for {server}: {reason} {}; using {}",
+                                result.detail,
+                                found.upstream.authority
+                            ),
+                            None => log::debug!(
+                                "discovery for {server}: delegated to {}",
+                                found.upstream.authority
+                            ),
+                        }
+                        cache.put(&server, &found.entry);
+                        let callout = userinfo_callout(service, &request, found.upstream);
+                        self.state = State::AwaitUserinfo(request);
+                        Step::Callout(callout)
+                    }
+                    Err(refusal) => {
+                        log::warn!("discovery for {server}: delegation target is {refusal}");
+                        Step::Respond(LocalResponse::error(MatrixError::UNAUTHORIZED))
+                    }
+                }
+            }
             State::AwaitUserinfo(request) => self.after_userinfo(service, request, result, now),
             State::AwaitCreateRoom {
                 identity,
@@ -339,11 +403,25 @@ impl TokenExchange {
     }
 }
 
+fn userinfo_callout(service: &TokenService, request: &TokenRequest, upstream: Upstream) -> Callout {
+    Callout {
+        target: CalloutTarget::Homeserver,
+        path: matrix::userinfo_path(&upstream.base_path, &request.access_token),
+        upstream,
+        method: "GET",
+        headers: vec![("accept", "application/json".to_owned())],
+        body: Vec::new(),
+        timeout_ms: service.callout_timeout_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::NoCache;
 
     const NOW: u64 = 1_800_000_000;
+    const HS_OVERRIDE: &str = r#","homeservers":{"example.org":"https://hs.example.org"}"#;
 
     fn settings(extra: &str) -> Settings {
         let json = format!(
@@ -363,6 +441,7 @@ mod tests {
         CalloutResult {
             status: Some(status),
             body: body.as_bytes(),
+            cache_control: None,
             detail: "",
         }
     }
@@ -476,11 +555,22 @@ mod tests {
             t,
             TokenEndpoint::GetToken,
             &body("example.org", "@alice:example.org"),
+            &NoCache,
+            NOW,
         );
-        let userinfo = expect_callout(step);
+        let well_known = expect_callout(step);
+        assert_eq!(well_known.target, CalloutTarget::WellKnown);
+        assert_eq!(well_known.upstream.authority, "example.org:443");
+        assert_eq!(well_known.path, "/.well-known/matrix/server");
+        let userinfo = expect_callout(ex.on_callout_response(
+            t,
+            ok(200, r#"{"m.server":"matrix.example.org:443"}"#),
+            &NoCache,
+            NOW,
+        ));
         assert_eq!(userinfo.target, CalloutTarget::Homeserver);
         assert_eq!(userinfo.method, "GET");
-        assert_eq!(userinfo.upstream.authority, "example.org:8448");
+        assert_eq!(userinfo.upstream.authority, "matrix.example.org:443");
         assert!(userinfo.upstream.tls);
         assert_eq!(
             userinfo.path,
@@ -491,6 +581,7 @@ mod tests {
         let create = expect_callout(ex.on_callout_response(
             t,
             ok(200, r#"{"sub":"@alice:example.org"}"#),
+            &NoCache,
             NOW,
         ));
         assert_eq!(create.target, CalloutTarget::LiveKit);
@@ -517,7 +608,7 @@ mod tests {
             60
         );
 
-        let Step::Respond(r) = ex.on_callout_response(t, ok(200, ""), NOW) else {
+        let Step::Respond(r) = ex.on_callout_response(t, ok(200, ""), &NoCache, NOW) else {
             panic!("expected an answer")
         };
         assert_eq!(r.status, 200);
@@ -546,14 +637,21 @@ mod tests {
             t,
             TokenEndpoint::GetToken,
             &body("other.example", "@bob:other.example"),
+            &NoCache,
+            NOW,
         );
         let c = expect_callout(step);
         assert_eq!(
             (c.upstream.tls, c.upstream.authority.as_str()),
             (false, "127.0.0.1:8008")
         );
-        expect_callout(ex.on_callout_response(t, ok(200, r#"{"sub":"@bob:other.example"}"#), NOW));
-        let Step::Respond(r) = ex.on_callout_response(t, ok(200, ""), NOW) else {
+        expect_callout(ex.on_callout_response(
+            t,
+            ok(200, r#"{"sub":"@bob:other.example"}"#),
+            &NoCache,
+            NOW,
+        ));
+        let Step::Respond(r) = ex.on_callout_response(t, ok(200, ""), &NoCache, NOW) else {
             panic!()
         };
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -565,7 +663,7 @@ mod tests {
 
     #[test]
     fn verification_failures_are_401() {
-        let s = settings("");
+        let s = settings(HS_OVERRIDE);
         let t = s.token_service.as_ref().unwrap();
         for (claimed, result) in [
             (
@@ -586,15 +684,21 @@ mod tests {
                 CalloutResult {
                     status: None,
                     body: b"",
+                    cache_control: None,
                     detail: "reset",
                 },
             ),
         ] {
-            let (mut ex, step) =
-                TokenExchange::start(t, TokenEndpoint::GetToken, &body("example.org", claimed));
+            let (mut ex, step) = TokenExchange::start(
+                t,
+                TokenEndpoint::GetToken,
+                &body("example.org", claimed),
+                &NoCache,
+                NOW,
+            );
             expect_callout(step);
             expect_error(
-                ex.on_callout_response(t, result, NOW),
+                ex.on_callout_response(t, result, &NoCache, NOW),
                 401,
                 "M_UNAUTHORIZED",
             );
@@ -609,21 +713,23 @@ mod tests {
             t,
             TokenEndpoint::GetToken,
             &body("evil/host", "@a:evil/host"),
+            &NoCache,
+            NOW,
         );
         expect_error(step, 401, "M_UNAUTHORIZED");
     }
 
     #[test]
     fn delayed_leave_refused_after_openid_check() {
-        let s = settings("");
+        let s = settings(HS_OVERRIDE);
         let t = s.token_service.as_ref().unwrap();
         let mut b = body("example.org", "@alice:example.org");
         b.pop();
         b.extend_from_slice(br#","delay_id":"d1","delay_timeout":10000}"#);
-        let (mut ex, step) = TokenExchange::start(t, TokenEndpoint::GetToken, &b);
+        let (mut ex, step) = TokenExchange::start(t, TokenEndpoint::GetToken, &b, &NoCache, NOW);
         expect_callout(step);
         expect_error(
-            ex.on_callout_response(t, ok(200, r#"{"sub":"@alice:example.org"}"#), NOW),
+            ex.on_callout_response(t, ok(200, r#"{"sub":"@alice:example.org"}"#), &NoCache, NOW),
             400,
             "M_BAD_JSON",
         );
@@ -631,28 +737,36 @@ mod tests {
 
     #[test]
     fn room_creation_failure_is_500() {
-        let s = settings("");
+        let s = settings(HS_OVERRIDE);
         let t = s.token_service.as_ref().unwrap();
         for status in [Some(502), Some(404), None] {
             let (mut ex, _) = TokenExchange::start(
                 t,
                 TokenEndpoint::GetToken,
                 &body("example.org", "@alice:example.org"),
+                &NoCache,
+                NOW,
             );
             expect_callout(ex.on_callout_response(
                 t,
                 ok(200, r#"{"sub":"@alice:example.org"}"#),
+                &NoCache,
                 NOW,
             ));
             let r = CalloutResult {
                 status,
                 body: b"",
+                cache_control: None,
                 detail: "",
             };
-            expect_error(ex.on_callout_response(t, r, NOW), 500, "M_UNKNOWN");
+            expect_error(
+                ex.on_callout_response(t, r, &NoCache, NOW),
+                500,
+                "M_UNKNOWN",
+            );
             // A stray second result never yields a token.
             expect_error(
-                ex.on_callout_response(t, ok(200, ""), NOW),
+                ex.on_callout_response(t, ok(200, ""), &NoCache, NOW),
                 500,
                 "M_UNKNOWN",
             );

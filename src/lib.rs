@@ -5,6 +5,7 @@
 //! - [`config`]: the plugin configuration (`SPEC.md` section 2) into immutable [`config::Settings`];
 //! - [`path`]: strip-prefix rules (section 3);
 //! - [`matrix`]: server names, the OpenID userinfo callout, Matrix-style errors;
+//! - [`discovery`]: where a server name's userinfo callout goes (`.well-known`, policy);
 //! - [`livekit`]: room alias / identity derivation, LiveKit access token claims, CreateRoom;
 //! - [`requests`]: token request bodies and their validation;
 //! - [`response`]: local replies with lk-jwt-service's CORS headers;
@@ -16,6 +17,7 @@
 //! proxy's wasm VM and fails every later request.
 
 pub mod config;
+pub mod discovery;
 pub mod exchange;
 pub mod livekit;
 pub mod matrix;

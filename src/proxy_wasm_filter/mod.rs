@@ -15,6 +15,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::Settings;
+use crate::discovery::{CachedDelegation, DiscoveryCache};
 use crate::exchange::{
     self, Callout, CalloutResult, CalloutTarget, Decision, Step, TokenExchange,
     MAX_REQUEST_BODY_BYTES,
@@ -138,7 +139,8 @@ impl Filter {
         let Some(service) = settings.token_service.as_ref() else {
             return Action::Continue;
         };
-        let (exchange, step) = TokenExchange::start(service, endpoint, body);
+        let (exchange, step) =
+            TokenExchange::start(service, endpoint, body, &SharedDataCache, now_secs());
         self.drive(exchange, step)
     }
 
@@ -156,8 +158,12 @@ impl Filter {
                 Step::Callout(c) => {
                     let cluster = match (c.target, c.upstream.tls) {
                         (CalloutTarget::LiveKit, _) => &service.envoy_livekit_cluster,
-                        (CalloutTarget::Homeserver, true) => &service.envoy_tls_cluster,
-                        (CalloutTarget::Homeserver, false) => &service.envoy_plain_cluster,
+                        (CalloutTarget::Homeserver | CalloutTarget::WellKnown, true) => {
+                            &service.envoy_tls_cluster
+                        }
+                        (CalloutTarget::Homeserver | CalloutTarget::WellKnown, false) => {
+                            &service.envoy_plain_cluster
+                        }
                     };
                     match dispatch(cluster, &c) {
                         Ok(token) => {
@@ -173,12 +179,70 @@ impl Filter {
                             let result = CalloutResult {
                                 status: None,
                                 body: &[],
+                                cache_control: None,
                                 detail: &detail,
                             };
-                            step = exchange.on_callout_response(service, result, now_secs());
+                            step = exchange.on_callout_response(
+                                service,
+                                result,
+                                &SharedDataCache,
+                                now_secs(),
+                            );
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `.well-known` results in proxy-wasm shared data, visible to every worker's VM. Bounded: a
+/// server name hashes to one of [`CACHE_SLOTS`] keys and a collision overwrites the slot, so the
+/// cache never holds more than that many entries whatever clients send.
+struct SharedDataCache;
+
+/// Number of shared-data keys the discovery cache may use.
+const CACHE_SLOTS: u64 = 4096;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlotValue {
+    server: String,
+    authority: Option<String>,
+    expires_at: u64,
+}
+
+fn slot_key(server_name: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(server_name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+    format!(
+        "matrixrtc_livekit_auth.well_known.{}",
+        u64::from_le_bytes(first) % CACHE_SLOTS
+    )
+}
+
+impl DiscoveryCache for SharedDataCache {
+    fn get(&self, server_name: &str) -> Option<CachedDelegation> {
+        let (bytes, _) = hostcalls::get_shared_data(&slot_key(server_name)).ok()?;
+        let value: SlotValue = serde_json::from_slice(&bytes?).ok()?;
+        (value.server == server_name).then_some(CachedDelegation {
+            authority: value.authority,
+            expires_at: value.expires_at,
+        })
+    }
+
+    fn put(&self, server_name: &str, entry: &CachedDelegation) {
+        let value = SlotValue {
+            server: server_name.to_owned(),
+            authority: entry.authority.clone(),
+            expires_at: entry.expires_at,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&value) {
+            if let Err(status) =
+                hostcalls::set_shared_data(&slot_key(server_name), Some(&bytes), None)
+            {
+                log::warn!("caching discovery for {server_name} failed: {status:?}");
             }
         }
     }
@@ -253,12 +317,17 @@ impl Context for Filter {
                 String::from_utf8_lossy(body.get(..body.len().min(160)).unwrap_or_default()).into();
             format!("(proxy: {})", text.trim())
         };
+        let cache_control = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
+            .map(|(_, v)| v.as_str());
         let result = CalloutResult {
             status,
             body: &body,
+            cache_control,
             detail: &detail,
         };
-        let step = exchange.on_callout_response(service, result, now_secs());
+        let step = exchange.on_callout_response(service, result, &SharedDataCache, now_secs());
         let _ = self.drive(exchange, step);
     }
 }

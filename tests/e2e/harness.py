@@ -99,6 +99,8 @@ class TestCA:
             .add_extension(
                 x509.SubjectAlternativeName([
                     x509.DNSName("localhost"),
+                    x509.DNSName("example.test"),
+                    x509.DNSName("*.example.test"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
                 ]),
@@ -146,10 +148,14 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class FakeServer:
     """Base of the fakes: a threaded HTTP(S) server on 127.0.0.1 that records requests."""
 
-    def __init__(self, tls: TestCA | None = None, port: int = 0):
+    def __init__(self, tls: TestCA | None = None, port: int = 0, host: str = "127.0.0.1"):
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -171,7 +177,7 @@ class FakeServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
 
-        self._server = _Server(("127.0.0.1", port), Handler)
+        self._server = (_Server6 if ":" in host else _Server)((host, port), Handler)
         if tls is not None:
             self._server.socket = tls.server_context().wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
@@ -225,9 +231,9 @@ class FakeHomeserver(FakeServer):
     a user ID string (200 {"sub": …}), a `(status, body_bytes)` tuple, or "hang" / "reset".
     Unknown tokens get 401 M_UNKNOWN_TOKEN, as Synapse answers."""
 
-    def __init__(self, tls: TestCA | None = None, port: int = 0):
+    def __init__(self, tls: TestCA | None = None, port: int = 0, host: str = "127.0.0.1"):
         self.tokens: dict[str, object] = {}
-        super().__init__(tls, port)
+        super().__init__(tls, port, host)
 
     def handle(self, h, rec):
         url = urllib.parse.urlsplit(rec.path)
@@ -254,6 +260,86 @@ class FakeHomeserver(FakeServer):
             return token is None or urllib.parse.parse_qs(url.query).get("access_token", [""])[0] == token
 
         return self.recorded(match)
+
+
+class FakeWellKnown(FakeServer):
+    """`GET /.well-known/matrix/server`, answered per `Host` header from `answers`: a dict
+    `host -> (status, body_bytes, extra_headers)` or `"hang"`; unknown hosts get 404."""
+
+    def __init__(self, tls: TestCA | None = None, port: int = 0, host: str = "127.0.0.1"):
+        self.answers: dict[str, object] = {}
+        super().__init__(tls, port, host)
+
+    def handle(self, h, rec):
+        host = (rec.header("host") or [""])[0].rsplit(":", 1)[0]
+        answer = self.answers.get(host)
+        if rec.path != "/.well-known/matrix/server" or answer is None:
+            return self.reply(h, 404, b'{"errcode":"M_NOT_FOUND"}')
+        if answer == "hang":
+            self.hang()
+            return self.reply(h, 504, b"")
+        status, body, extra = answer
+        h.send_response(status)
+        for k, v in extra.items():
+            h.send_header(k, v)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def calls(self, host: str) -> list[Recorded]:
+        return self.recorded(lambda r: (r.header("host") or [""])[0].rsplit(":", 1)[0] == host)
+
+
+class FakeDns:
+    """A DNS server (dnslib) on 127.0.0.1 answering A records from `records` (name -> IPv4),
+    NXDOMAIN for other names: the test's own resolver for `*.example.test`."""
+
+    def __init__(self, records: dict[str, str]):
+        from dnslib import QTYPE, RCODE, RR, A
+        from dnslib.server import BaseResolver, DNSServer
+
+        self.records = records
+        outer = self
+
+        class Resolver(BaseResolver):
+            def resolve(self, request, handler):
+                reply = request.reply()
+                name = str(request.q.qname).rstrip(".").lower()
+                if name in outer.records:
+                    if request.q.qtype in (QTYPE.A, QTYPE.ANY):
+                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(outer.records[name]), ttl=60))
+                else:
+                    reply.header.rcode = RCODE.NXDOMAIN
+                return reply
+
+        class QuietLogger:
+            def __getattr__(self, name):
+                return lambda *a, **k: None
+
+        self.port = free_port()
+        self._server = DNSServer(Resolver(), port=self.port, address="127.0.0.1", logger=QuietLogger())
+        self._server.start_thread()
+
+    def stop(self):
+        self._server.stop()
+
+
+def use_test_resolver(cfg: dict, dns_port: int) -> None:
+    """Makes the dynamic forward proxy clusters resolve names with the test's DNS server."""
+    for cluster in cfg["static_resources"]["clusters"]:
+        if cluster["name"] not in ("matrixrtc_callout_tls", "matrixrtc_callout_plain"):
+            continue
+        dns_cache = cluster["cluster_type"]["typed_config"]["dns_cache_config"]
+        dns_cache["typed_dns_resolver_config"] = {
+            "name": "envoy.network.dns_resolver.cares",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": dns_port}}],
+                "use_resolvers_as_fallback": False,
+                "dns_resolver_options": {"no_default_search_domain": True},
+            },
+        }
 
 
 CREATE_ROOM = "/twirp/livekit.RoomService/CreateRoom"
@@ -378,7 +464,8 @@ def envoy_config(plugin_config: dict | str, *, listener_port: int, admin_port: i
         _point_livekit_cluster(clusters["matrixrtc_livekit"], plugin_config, ca)
     tls = clusters["matrixrtc_callout_tls"]
     # yaml anchors share one dict between both clusters; give each its own copy.
-    clusters["matrixrtc_callout_plain"]["cluster_type"] = copy.deepcopy(clusters["matrixrtc_callout_plain"]["cluster_type"])
+    for name in ("matrixrtc_callout_tls", "matrixrtc_callout_plain"):
+        clusters[name]["cluster_type"] = copy.deepcopy(clusters[name]["cluster_type"])
     common = tls["transport_socket"]["typed_config"]["common_tls_context"]
     if tls_mode == "ca":
         assert ca is not None

@@ -20,7 +20,11 @@ class Synapse:
     """`Synapse(dir, port, server_name)`: a context manager that runs Synapse listening on
     127.0.0.1:`port` with the client and federation resources over plain HTTP."""
 
-    def __init__(self, directory: Path, port: int, server_name: str = "matrix.localhost"):
+    def __init__(self, directory: Path, port: int, server_name: str = "matrix.localhost",
+                 tls=None, tls_port: int | None = None):
+        """`tls` (a harness.TestCA) and `tls_port` add a federation listener over TLS."""
+        self.tls = tls
+        self.tls_port = tls_port
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
@@ -40,6 +44,13 @@ class Synapse:
             "port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
             "x_forwarded": False, "resources": [{"names": ["client", "federation"], "compress": False}],
         }]
+        if self.tls is not None:
+            cfg["listeners"].append({
+                "port": self.tls_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": True,
+                "x_forwarded": False, "resources": [{"names": ["federation"], "compress": False}],
+            })
+            cfg["tls_certificate_path"] = str(self.tls.cert_pem)
+            cfg["tls_private_key_path"] = str(self.tls.key_pem)
         cfg["trusted_key_servers"] = []  # no network here; nothing to fetch keys from
         cfg["suppress_key_server_warning"] = True
         cfg["enable_registration"] = False

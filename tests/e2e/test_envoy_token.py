@@ -106,30 +106,6 @@ def test_callout_request_shape(envoy, homeserver, sfu):
     assert call.header("content-length") in ([], ["0"])
 
 
-def test_explicit_port_server_names_go_straight_to_host_port(envoy, homeserver, sfu):
-    """No override: `127.0.0.1:PORT` (IPv4 literal) and `localhost:PORT` (DNS name) are dialled
-    directly over TLS; `sub` is checked against the server name as sent."""
-    for server in (f"127.0.0.1:{homeserver.port}", f"localhost:{homeserver.port}"):
-        token = new_token()
-        user = f"@carol:{server}"
-        homeserver.tokens[token] = user
-        r = post_json(envoy.port, GET_TOKEN, get_token_body(token, server=server, user=user))
-        assert_client_token(r, livekit_url=livekit_url(sfu), room=room_alias("!room:example.org"),
-                            identity=identity(user, "DEVICE", "member-1"), full_access=False)
-        [call] = homeserver.userinfo_calls(token)
-        assert call.header("host") == [server]
-
-
-def test_bare_server_name_defaults_to_8448(envoy, homeserver, sfu):
-    """No override and no port: the callout goes to <name>:8448, where nothing listens here →
-    401 (not 500, not a hang)."""
-    token = new_token()
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, server="localhost", user="@a:localhost"))
-    assert_matrix_error(r, 401, "M_UNAUTHORIZED")
-    assert homeserver.userinfo_calls(token) == []
-    assert "localhost:8448" in envoy.log() or "status 503" in envoy.log()
-
-
 def test_invalid_server_name_refused_before_callout(envoy, homeserver):
     token = new_token()
     r = post_json(envoy.port, GET_TOKEN, get_token_body(token, server="evil.example/x?y", user="@a:b"))
