@@ -23,6 +23,9 @@ pub const MAX_CALLOUT_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_ENVOY_TLS_CLUSTER: &str = "matrixrtc_callout_tls";
 /// Default name of the Envoy cluster (dynamic forward proxy, plain HTTP) that carries `http` callouts.
 pub const DEFAULT_ENVOY_PLAIN_CLUSTER: &str = "matrixrtc_callout_plain";
+/// Default name of the Envoy cluster for `https` homeserver callouts when `insecureSkipVerify`
+/// is set (a test-only cluster that does not verify certificates).
+pub const DEFAULT_ENVOY_INSECURE_TLS_CLUSTER: &str = "matrixrtc_callout_tls_insecure";
 /// Default name of the Envoy cluster that reaches the LiveKit server API (CreateRoom).
 pub const DEFAULT_ENVOY_LIVEKIT_CLUSTER: &str = "matrixrtc_livekit";
 /// Default lifetime of a LiveKit access token, in seconds (lk-jwt-service: one hour).
@@ -50,6 +53,8 @@ struct RawConfig {
     envoy_livekit_cluster: Option<String>,
     allowed_homeservers: Option<Vec<String>>,
     allow_private_addresses: Option<bool>,
+    insecure_skip_verify: Option<bool>,
+    envoy_insecure_tls_cluster: Option<String>,
 }
 
 /// Why a plugin configuration was refused: the key at fault and the reason.
@@ -216,6 +221,11 @@ pub struct TokenService {
     pub envoy_livekit_cluster: String,
     /// Which homeservers a client-supplied server name may make the proxy call.
     pub homeserver_policy: HomeserverPolicy,
+    /// `insecureSkipVerify`: TEST ONLY. Homeserver certificates are not verified (Envoy: the
+    /// `https` callouts go to `envoy_insecure_tls_cluster`). Logged as a warning at load.
+    pub insecure_skip_verify: bool,
+    /// Envoy cluster for `https` homeserver callouts when `insecure_skip_verify` is set.
+    pub envoy_insecure_tls_cluster: String,
 }
 
 /// The validated plugin configuration shared by every request.
@@ -412,6 +422,18 @@ fn parse_token_service(
         allowed: parse_allowed(raw.allowed_homeservers)?,
         allow_private: raw.allow_private_addresses.unwrap_or(false),
     };
+    let insecure_skip_verify = raw.insecure_skip_verify.unwrap_or(false);
+    let envoy_insecure_tls_cluster = cluster_name(
+        "envoyInsecureTlsCluster",
+        raw.envoy_insecure_tls_cluster,
+        DEFAULT_ENVOY_INSECURE_TLS_CLUSTER,
+    )?;
+    if insecure_skip_verify {
+        log::warn!(
+            "insecureSkipVerify is set: homeserver TLS certificates are NOT verified, so anyone \
+             on the path can vouch for any Matrix user. Use this in tests only."
+        );
+    }
     Ok(TokenService {
         livekit_url,
         livekit_api,
@@ -425,6 +447,8 @@ fn parse_token_service(
         envoy_plain_cluster,
         envoy_livekit_cluster,
         homeserver_policy,
+        insecure_skip_verify,
+        envoy_insecure_tls_cluster,
     })
 }
 
@@ -578,6 +602,11 @@ mod tests {
         assert_eq!(t.token_lifetime_secs, 3600);
         assert_eq!(t.envoy_tls_cluster, "matrixrtc_callout_tls");
         assert_eq!(t.envoy_livekit_cluster, "matrixrtc_livekit");
+        assert!(!t.insecure_skip_verify);
+        assert_eq!(
+            t.envoy_insecure_tls_cluster,
+            "matrixrtc_callout_tls_insecure"
+        );
         assert_eq!(t.full_access, FullAccess::Only(vec!["example.org".into()]));
         assert_eq!(format!("{:?}", t.api_secret), "Secret(<redacted>)");
     }

@@ -159,7 +159,11 @@ impl Filter {
                     let cluster = match (c.target, c.upstream.tls) {
                         (CalloutTarget::LiveKit, _) => &service.envoy_livekit_cluster,
                         (CalloutTarget::Homeserver | CalloutTarget::WellKnown, true) => {
-                            &service.envoy_tls_cluster
+                            if service.insecure_skip_verify {
+                                &service.envoy_insecure_tls_cluster
+                            } else {
+                                &service.envoy_tls_cluster
+                            }
                         }
                         (CalloutTarget::Homeserver | CalloutTarget::WellKnown, false) => {
                             &service.envoy_plain_cluster

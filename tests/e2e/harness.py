@@ -471,10 +471,15 @@ def envoy_config(plugin_config: dict | str, *, listener_port: int, admin_port: i
         assert ca is not None
         common["validation_context"]["trusted_ca"]["filename"] = str(ca.ca_pem)
     elif tls_mode == "insecure":
-        common.pop("validation_context")
-        tls["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+        # The documented test-only setup: a second cluster that verifies nothing, selected by
+        # the plugin configuration's insecureSkipVerify. The verifying cluster stays as shipped.
+        insecure = copy.deepcopy(tls)
+        insecure["name"] = "matrixrtc_callout_tls_insecure"
+        insecure["transport_socket"]["typed_config"]["common_tls_context"].pop("validation_context")
+        insecure["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
             "upstream_http_protocol_options"]["auto_san_validation"] = False
-        tls["cluster_type"]["typed_config"]["allow_insecure_cluster_options"] = True
+        insecure["cluster_type"]["typed_config"]["allow_insecure_cluster_options"] = True
+        cfg["static_resources"]["clusters"].append(insecure)
     elif tls_mode != "system":
         raise ValueError(tls_mode)
     return cfg

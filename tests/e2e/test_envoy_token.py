@@ -118,7 +118,8 @@ def test_invalid_server_name_refused_before_callout(envoy, homeserver):
 
 def test_untrusted_certificate_is_401_and_insecure_switch_is_200(workdir, ca, homeserver, sfu, upstream):
     """Case 5: the fake homeserver's certificate is from a CA the shipped config does not
-    trust (system roots) → 401; with the documented test-only insecure cluster → 200."""
+    trust (system roots) → 401; with the documented test-only switch (insecureSkipVerify and
+    an insecure cluster) → 200, and a loud warning in the log."""
     cfg = standard_config(homeserver, sfu)
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
@@ -127,10 +128,17 @@ def test_untrusted_certificate_is_401_and_insecure_switch_is_200(workdir, ca, ho
         assert_matrix_error(r, 401, "M_UNAUTHORIZED")
         assert homeserver.userinfo_calls(token) == [], "the TLS handshake failed before any request"
         assert sfu.recorded() == []
+        assert "NOT verified" not in e.log()
+    # The insecure cluster alone changes nothing: the switch is the plugin configuration.
     with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca, tls_mode="insecure") as e:
+        r = post_json(e.port, GET_TOKEN, get_token_body(token))
+        assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+    insecure = standard_config(homeserver, sfu, insecureSkipVerify=True)
+    with Envoy(workdir, insecure, upstream_port=upstream.port, ca=ca, tls_mode="insecure") as e:
         r = post_json(e.port, GET_TOKEN, get_token_body(token))
         assert r.status == 200, r.body
         assert len(homeserver.userinfo_calls(token)) == 1
+        assert "insecureSkipVerify is set: homeserver TLS certificates are NOT verified" in e.log()
 
 
 # ---------------------------------------------------------------- case 6: bodies
