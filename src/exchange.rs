@@ -471,6 +471,7 @@ mod tests {
     }
 
     fn decode_claims(jwt: &str) -> serde_json::Value {
+        crate::hs256::install();
         let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         v.validate_exp = false;
         v.validate_nbf = false;

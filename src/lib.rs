@@ -19,6 +19,7 @@
 pub mod config;
 pub mod discovery;
 pub mod exchange;
+pub mod hs256;
 pub mod livekit;
 pub mod matrix;
 pub mod path;

@@ -173,6 +173,7 @@ impl Claims {
     /// # Errors
     /// The `jsonwebtoken` error for an empty secret or a failed serialisation.
     pub fn sign(&self, secret: &[u8]) -> Result<String, jsonwebtoken::errors::Error> {
+        crate::hs256::install();
         let key = jsonwebtoken::EncodingKey::from_secret(secret)?;
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
