@@ -130,8 +130,10 @@ impl Upstream {
     /// "sfu.example.org:443", base_path: "/livekit/sfu"}`. The default port of the scheme is made
     /// explicit. Errors (as a reason string) when the URL has no host, another scheme, user
     /// info, a query or a fragment.
-    pub fn parse(url: &str, allow_ws: bool) -> Result<Self, String> {
-        let uri: http::Uri = url
+    pub fn parse(raw_url: &str, allow_ws: bool) -> Result<Self, String> {
+        // Error messages show the URL without any user info (it may hold credentials).
+        let url = &redact_user_info(raw_url);
+        let uri: http::Uri = raw_url
             .parse()
             .map_err(|e| format!("`{url}` is not an absolute URL ({e})"))?;
         let tls = match uri.scheme_str() {
@@ -167,6 +169,18 @@ impl Upstream {
             authority: format!("{}:{port}", authority.host()),
             base_path,
         })
+    }
+}
+
+/// `scheme://user:pass@host/…` → `scheme://***@host/…`, for messages.
+fn redact_user_info(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest.get(..end).and_then(|authority| authority.rfind('@')) {
+        Some(at) => format!("{scheme}://***{}", rest.get(at..).unwrap_or_default()),
+        None => url.to_owned(),
     }
 }
 
@@ -255,7 +269,7 @@ impl Settings {
         let strip_prefixes = parse_prefixes(raw.strip_prefixes.as_deref().unwrap_or_default())?;
         let token_service = match raw.livekit_url.clone() {
             None => {
-                refuse_token_keys_without_url(&raw)?;
+                refuse_token_keys_without_url(json)?;
                 None
             }
             Some(url) => Some(parse_token_service(url, raw, env)?),
@@ -287,18 +301,23 @@ fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
     let mut de = serde_json::Deserializer::from_slice(json);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let key = if path == "." || path == "?" {
+        // serde_path_to_error renders the root as "." or "?", and an empty key as "".
+        let key = if path.is_empty() || path == "." || path == "?" {
             "(json)".to_owned()
         } else {
             path
         };
         // serde_json's message carries "at line L column C"; keep only the reason.
         let reason = e.inner().to_string();
-        let reason = reason
+        let mut reason = reason
             .split(" at line ")
             .next()
             .unwrap_or_default()
             .to_owned();
+        // serde quotes the offending value; never echo a secret.
+        if key == "livekitSecret" {
+            reason = "must be a non-empty string (value not shown)".to_owned();
+        }
         ConfigError::new(key, reason)
     })?;
     de.end()
@@ -320,32 +339,14 @@ fn parse_prefixes(list: &[String]) -> Result<Vec<Prefix>, ConfigError> {
     Ok(prefixes)
 }
 
-fn refuse_token_keys_without_url(raw: &RawConfig) -> Result<(), ConfigError> {
-    let set = [
-        ("livekitKey", raw.livekit_key.is_some()),
-        ("livekitKeyEnv", raw.livekit_key_env.is_some()),
-        ("livekitSecret", raw.livekit_secret.is_some()),
-        ("livekitSecretEnv", raw.livekit_secret_env.is_some()),
-        (
-            "fullAccessHomeservers",
-            raw.full_access_homeservers.is_some(),
-        ),
-        ("livekitApiUrl", raw.livekit_api_url.is_some()),
-        ("homeservers", raw.homeservers.is_some()),
-        ("calloutTimeoutMs", raw.callout_timeout_ms.is_some()),
-        ("tokenLifetimeSecs", raw.token_lifetime_secs.is_some()),
-        ("envoyTlsCluster", raw.envoy_tls_cluster.is_some()),
-        ("envoyPlainCluster", raw.envoy_plain_cluster.is_some()),
-        ("envoyLivekitCluster", raw.envoy_livekit_cluster.is_some()),
-        ("allowedHomeservers", raw.allowed_homeservers.is_some()),
-        (
-            "allowPrivateAddresses",
-            raw.allow_private_addresses.is_some(),
-        ),
-    ];
-    match set.iter().find(|(_, is_set)| *is_set) {
-        Some((key, _)) => Err(ConfigError::new(
-            *key,
+/// Every key but `stripPrefixes` belongs to the token service: refuse them without
+/// `livekitUrl`, so a typo there cannot silently switch the token service off.
+fn refuse_token_keys_without_url(json: &[u8]) -> Result<(), ConfigError> {
+    let keys: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(json).unwrap_or_default();
+    match keys.keys().find(|k| k.as_str() != "stripPrefixes") {
+        Some(key) => Err(ConfigError::new(
+            key.as_str(),
             "only meaningful for the token service, which is off because livekitUrl is not set",
         )),
         None => Ok(()),
@@ -670,6 +671,20 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_regression_empty_key_is_named() {
+        // Found by scripts/fuzz.sh (plugin_config): an empty key followed by garbage gave an
+        // error with an empty key name.
+        let err = parse("{  \"\"   \u{5}\0\0\0\0\0 /\u{4}\n").unwrap_err();
+        assert_eq!(err.key, "(json)");
+        assert!(!err.reason.is_empty());
+        let err = parse(r#"{"":1}"#).unwrap_err();
+        assert!(
+            !err.key.is_empty() && err.reason.contains("unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         refused(
             r#"{"stripPrefix":["/a"]}"#,
@@ -740,6 +755,21 @@ mod tests {
             "livekitSecret",
             "not both",
         );
+    }
+
+    #[test]
+    fn secret_value_never_in_error_messages() {
+        let err = parse(r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":987654321987654,"fullAccessHomeservers":["*"]}"#).unwrap_err();
+        assert_eq!(err.key, "livekitSecret");
+        assert!(!err.to_string().contains("987654321987654"), "{err}");
+        let err = parse(&format!(
+            r#"{{{TOKEN},"homeservers":{{"example.org":"https://u:p4ss@h/x"}}}}"#
+        ))
+        .unwrap_err();
+        assert!(!err.to_string().contains("p4ss"), "{err}");
+        assert!(err.to_string().contains("https://***@h/x"), "{err}");
+        let err = parse(r#"{"livekitUrl":"ftp://u:p4ss@h","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["*"]}"#).unwrap_err();
+        assert!(!err.to_string().contains("p4ss"), "{err}");
     }
 
     #[test]
@@ -845,6 +875,20 @@ mod tests {
             &format!(r#"{{{TOKEN},"allowPrivateAddresses":"yes"}}"#),
             "allowPrivateAddresses",
             "invalid type",
+        );
+    }
+
+    #[test]
+    fn test_only_keys_without_url_refused() {
+        refused(
+            r#"{"stripPrefixes":["/p"],"insecureSkipVerify":true}"#,
+            "insecureSkipVerify",
+            "livekitUrl is not set",
+        );
+        refused(
+            r#"{"stripPrefixes":["/p"],"envoyInsecureTlsCluster":"x"}"#,
+            "envoyInsecureTlsCluster",
+            "livekitUrl is not set",
         );
     }
 

@@ -40,9 +40,9 @@ pub struct HomeserverPolicy {
     /// subdomain of `suffix`) are called. `None`: any public server name.
     pub allowed: Option<Vec<String>>,
     /// `allowPrivateAddresses`: when `false` (the default), IP literals in loopback, private,
-    /// link-local, shared, unique-local, unspecified, broadcast or multicast ranges and the
-    /// names `localhost` / `*.localhost` are refused, as server names and as `.well-known`
-    /// delegation targets.
+    /// link-local, shared, unique-local, unspecified, broadcast or multicast ranges,
+    /// single-label names (`localhost`, `vm`) and `*.localhost` are refused, as server names
+    /// and as `.well-known` delegation targets.
     pub allow_private: bool,
 }
 
@@ -129,7 +129,9 @@ pub fn is_internal(host: &Host) -> bool {
         Host::Ipv6(ip) => is_internal_v6(*ip),
         Host::Dns(name) => {
             let lower = name.trim_end_matches('.').to_ascii_lowercase();
-            lower == "localhost" || lower.ends_with(".localhost")
+            // Single-label names (`localhost`, `vm`, `metadata`) only resolve through local
+            // search domains or /etc/hosts: never a public homeserver.
+            !lower.contains('.') || lower.ends_with(".localhost")
         }
     }
 }

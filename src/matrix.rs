@@ -71,6 +71,19 @@ impl ServerName {
                 if !valid {
                     return Err("invalid host".to_owned());
                 }
+                // A name whose last label is numeric (or hex) is no DNS name but a non-canonical
+                // address that resolvers read as IPv4 (`127.0.0.01`, `127.1`, `2130706433`,
+                // `0x7f.1`): refusing it keeps the private-address checks meaningful.
+                let last = host
+                    .trim_end_matches('.')
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default();
+                if last.bytes().all(|b| b.is_ascii_digit())
+                    || last.to_ascii_lowercase().starts_with("0x")
+                {
+                    return Err("not a canonical IPv4 address nor a DNS name".to_owned());
+                }
                 Host::Dns(host.to_owned())
             };
             (host, port)

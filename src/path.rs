@@ -75,8 +75,11 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
 }
 
 /// Collapses the run of leading slashes of `rest` to exactly one `/` (`""` becomes `/`).
+///
+/// Backslashes in that run count as slashes: browsers (WHATWG URL) read `/\host` as
+/// `//host`, so a forwarded `/\evil.example/x` could become an open redirect upstream.
 pub fn collapse_leading_slashes(rest: &str) -> String {
-    format!("/{}", rest.trim_start_matches('/'))
+    format!("/{}", rest.trim_start_matches(['/', '\\']))
 }
 
 /// Strips the first matching prefix of `prefixes` (the caller orders them longest first) from
@@ -147,6 +150,7 @@ mod tests {
             ("/p//a//b", "/a//b"),
             ("/p?", "/?"),
             ("/p//?a=/p//x", "/?a=/p//x"),
+            ("/p/\\evil.example/x", "/evil.example/x"),
         ] {
             assert_eq!(strip(&ps, t).unwrap().target, want, "{t}");
         }

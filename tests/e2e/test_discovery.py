@@ -159,6 +159,24 @@ def test_internal_server_names_refused_by_default(discovery_envoy, homeserver, s
     assert "allowPrivateAddresses" in discovery_envoy.log()
 
 
+@pytest.mark.parametrize("server", ["127.0.0.01:{port}", "127.000.000.001:{port}", "127.1:{port}",
+                                    "2130706433:{port}", "0x7f.0.0.1:{port}", "vm:{port}", "localhost.:{port}"])
+def test_disguised_internal_addresses_never_dial(discovery_envoy, homeserver, server):
+    """Non-canonical IPv4 spellings that resolvers read as 127.0.0.1, and single-label names,
+    are refused before any connection (found by the attack review)."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        token, user, r = exchange(discovery_envoy, homeserver, server.format(port=port))
+        assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
 def test_allow_private_addresses_reaches_ip_literals(workdir, ca, homeserver, sfu, upstream, dns):
     """With allowPrivateAddresses: IPv4 literal, IPv6 literal and DNS name with explicit ports
     are dialled directly over TLS."""
