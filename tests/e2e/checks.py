@@ -63,6 +63,7 @@ def assert_client_token(r: Response, *, livekit_url: str, room: str, identity: s
     assert set(body) == {"url", "jwt"}, body
     assert body["url"] == livekit_url
     token = body["jwt"]
+    SEEN_SECRETS.add(token)
     header = pyjwt.get_unverified_header(token)
     assert header["alg"] == "HS256", header
     claims = pyjwt.decode(token, LIVEKIT_SECRET, algorithms=["HS256"], options={"verify_aud": False})
@@ -90,8 +91,15 @@ def assert_client_token(r: Response, *, livekit_url: str, room: str, identity: s
     return claims
 
 
+# Every access token and LiveKit access token the tests sent or received, for the final scan of
+# all proxy logs (test_zz_log_scan.py).
+SEEN_SECRETS: set[str] = set()
+
+
 def new_token() -> str:
-    return "tok_" + uuid.uuid4().hex
+    token = "tok_" + uuid.uuid4().hex
+    SEEN_SECRETS.add(token)
+    return token
 
 
 def openid(token: str, server: str = "example.org") -> dict:

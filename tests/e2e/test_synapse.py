@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from checks import (assert_client_token, assert_matrix_error, identity, post_json, room_alias)
+from checks import (SEEN_SECRETS, assert_client_token, assert_matrix_error, identity, post_json, room_alias)
 from conftest import PREFIX
 from harness import LIVEKIT_KEY, Envoy, free_port
 from synapse import Synapse
@@ -40,6 +40,7 @@ def synapse_envoy(workdir, synapse, sfu, upstream):
 def test_real_synapse_openid_token_gets_livekit_token(synapse, synapse_envoy, sfu):
     session = synapse.login("alice", "correct horse battery staple")
     openid = synapse.openid_token(session)
+    SEEN_SECRETS.add(openid["access_token"])
     assert openid["matrix_server_name"] == SERVER
     body = {
         "room_id": "!call:matrix.localhost",
