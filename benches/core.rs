@@ -1,7 +1,13 @@
 //! Micro-benchmarks of the core, natively (`cargo bench --bench core`): the median time per
 //! operation over several rounds, printed next to the targets of the performance issue.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
 
 use std::hint::black_box;
 use std::time::Instant;
