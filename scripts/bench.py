@@ -169,9 +169,9 @@ def main() -> int:
         backend.stop()
         raise
 
-    def filtered(full_access: str):
+    def filtered(full_access: str, prefix: str = PREFIX):
         plugin = {
-            "stripPrefixes": [PREFIX], "livekitUrl": f"ws://127.0.0.1:{sfu_port}", "livekitKey": "devkey",
+            "stripPrefixes": [prefix], "livekitUrl": f"ws://127.0.0.1:{sfu_port}", "livekitKey": "devkey",
             "livekitSecretEnv": "LIVEKIT_SECRET", "fullAccessHomeservers": [full_access],
             "homeservers": {"example.org": f"http://127.0.0.1:{hs_port}"},
         }
@@ -181,7 +181,9 @@ def main() -> int:
 
     with_filter = filtered("example.org")
     with_filter_restricted = filtered("other.example")
-    for e in (with_filter, with_filter_restricted):
+    # The same filter with a prefix that never matches: the cost of the proxy-wasm ABI alone.
+    with_idle_filter = filtered("example.org", "/no-match")
+    for e in (with_filter, with_filter_restricted, with_idle_filter):
         e.start()
     try:
         for e in (with_filter, with_filter_restricted):
@@ -191,18 +193,19 @@ def main() -> int:
         assert r.status == 200
 
         rss_before = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
-        results: dict[str, list] = {k: [] for k in ("strip_filter", "strip_native", "token_restricted",
+        results: dict[str, list] = {k: [] for k in ("strip_filter", "strip_native", "idle_filter", "token_restricted",
                                                     "token_full", "one_round_trip")}
         for rnd in range(ROUNDS):
             print(f"round {rnd + 1}/{ROUNDS} …", file=sys.stderr, flush=True)
             results["strip_native"].append(wrk(native_port, PREFIX + "/a/b?x=1", False, work))
             results["strip_filter"].append(wrk(with_filter.port, PREFIX + "/a/b?x=1", False, work))
+            results["idle_filter"].append(wrk(with_idle_filter.port, PREFIX + "/a/b?x=1", False, work))
             results["one_round_trip"].append(wrk(native_port, PREFIX + "/get_token", True, work))
             results["token_restricted"].append(wrk(with_filter_restricted.port, PREFIX + "/get_token", True, work))
             results["token_full"].append(wrk(with_filter.port, PREFIX + "/get_token", True, work))
         rss_after = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
     finally:
-        for p in (with_filter, with_filter_restricted):
+        for p in (with_filter, with_filter_restricted, with_idle_filter):
             p.stop()
         native.stop()
         backend.stop()
@@ -217,7 +220,11 @@ def main() -> int:
           " Envoy 1 worker; instant upstream/homeserver/SFU (Envoy direct_response)")
     line("strip-prefix, Envoy + filter", "strip_filter")
     line("strip-prefix, Envoy native prefix_rewrite", "strip_native")
+    line("pass-through, Envoy + filter, prefix not matching", "idle_filter")
     ratio = med["strip_filter"][0] / med["strip_native"][0]
+    idle = med["idle_filter"][0] / med["strip_native"][0]
+    print(f"    throughput ratio idle filter/native {idle:.3f}  (the proxy-wasm ABI's own cost: the floor for any filter)")
+    print(f"    throughput ratio filter/idle filter {med['strip_filter'][0] / med['idle_filter'][0]:.3f}  (what strip-prefix itself costs)")
     added = med["strip_filter"][2] - med["strip_native"][2]
     print(f"    throughput ratio filter/native {ratio:.3f}  (target ≥ 0.95: {'met' if ratio >= 0.95 else 'MISSED'})")
     print(f"    added p99 {added:.0f} µs  (target ≤ 100 µs: {'met' if added <= 100 else 'MISSED'})")

@@ -26,8 +26,11 @@ pub mod path;
 pub mod requests;
 pub mod response;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "envoy"))]
 mod proxy_wasm_filter;
+
+#[cfg(all(target_arch = "wasm32", feature = "traefik"))]
+pub mod http_wasm_plugin;
 
 /// `User-Agent` of every callout.
 pub const USER_AGENT: &str = concat!("matrixrtc-livekit-auth/", env!("CARGO_PKG_VERSION"));
