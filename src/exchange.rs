@@ -174,6 +174,7 @@ enum State {
 #[derive(Debug)]
 pub struct TokenExchange {
     state: State,
+    issued_full_access: Option<bool>,
 }
 
 impl TokenExchange {
@@ -213,6 +214,7 @@ impl TokenExchange {
                 let callout = userinfo_callout(service, &request, upstream);
                 let exchange = Self {
                     state: State::AwaitUserinfo(request),
+                    issued_full_access: None,
                 };
                 (exchange, Step::Callout(callout))
             }
@@ -228,6 +230,7 @@ impl TokenExchange {
                 };
                 let exchange = Self {
                     state: State::AwaitWellKnown(request),
+                    issued_full_access: None,
                 };
                 (exchange, Step::Callout(callout))
             }
@@ -235,7 +238,18 @@ impl TokenExchange {
     }
 
     fn done(response: LocalResponse) -> (Self, Step) {
-        (Self { state: State::Done }, Step::Respond(response))
+        (
+            Self {
+                state: State::Done,
+                issued_full_access: None,
+            },
+            Step::Respond(response),
+        )
+    }
+
+    /// `Some(full_access)` once a LiveKit access token was issued (for metrics).
+    pub fn issued_full_access(&self) -> Option<bool> {
+        self.issued_full_access
     }
 
     /// The largest callout answer body the current state reads, in bytes.
@@ -322,6 +336,7 @@ impl TokenExchange {
                 );
                 match claims.sign(service.api_secret.expose()) {
                     Ok(jwt) => {
+                        self.issued_full_access = Some(full_access);
                         log::info!(
                             "LiveKit access token issued for {user_id} in room {alias} ({})",
                             if full_access {

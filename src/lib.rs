@@ -10,6 +10,7 @@
 //! - [`requests`]: token request bodies and their validation;
 //! - [`response`]: local replies with lk-jwt-service's CORS headers;
 //! - [`exchange`]: routing and the token exchange state machine (section 4);
+//! - [`metrics`]: metric names and labels;
 //! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio.
 //!
 //! The core never panics on input: clippy denies `unwrap`, `expect`, `panic!` and slice
@@ -22,6 +23,7 @@ pub mod exchange;
 pub mod hs256;
 pub mod livekit;
 pub mod matrix;
+pub mod metrics;
 pub mod path;
 pub mod requests;
 pub mod response;

@@ -12,7 +12,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::Settings;
 use crate::discovery::{CachedDelegation, DiscoveryCache};
@@ -21,6 +21,7 @@ use crate::exchange::{
     MAX_REQUEST_BODY_BYTES,
 };
 use crate::matrix::MatrixError;
+use crate::metrics;
 use crate::requests::TokenEndpoint;
 use crate::response::LocalResponse;
 
@@ -92,7 +93,13 @@ impl RootContext for Root {
 enum Phase {
     Idle,
     ReadingBody(TokenEndpoint),
-    AwaitingCallout { token: u32, exchange: TokenExchange },
+    AwaitingCallout {
+        token: u32,
+        exchange: TokenExchange,
+        endpoint: TokenEndpoint,
+        target: CalloutTarget,
+        started_ms: u64,
+    },
     Answered,
 }
 
@@ -106,6 +113,45 @@ fn request_header(name: &str) -> Option<String> {
     hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
         .ok()
         .flatten()
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+thread_local! {
+    /// Metric ids defined in this VM, by name (proxy-wasm ids are per VM).
+    static METRIC_IDS: std::cell::RefCell<std::collections::HashMap<String, u32>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn metric_id(name: &str, kind: MetricType) -> Option<u32> {
+    METRIC_IDS.with(|ids| {
+        if let Some(id) = ids.borrow().get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(kind, name).ok()?;
+        ids.borrow_mut().insert(name.to_owned(), id);
+        Some(id)
+    })
+}
+
+/// Adds one to the counter `name` (see [`metrics`]); failures are ignored (metrics never
+/// break a request).
+fn count(name: &str) {
+    if let Some(id) = metric_id(name, MetricType::Counter) {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+/// Records `value` in the histogram `name`.
+fn record(name: &str, value: u64) {
+    if let Some(id) = metric_id(name, MetricType::Histogram) {
+        let _ = hostcalls::record_metric(id, value);
+    }
 }
 
 fn now_secs() -> u64 {
@@ -141,11 +187,16 @@ impl Filter {
         };
         let (exchange, step) =
             TokenExchange::start(service, endpoint, body, &SharedDataCache, now_secs());
-        self.drive(exchange, step)
+        self.drive(endpoint, exchange, step)
     }
 
     /// Runs steps until one needs to wait for a callout or answers the client.
-    fn drive(&mut self, mut exchange: TokenExchange, mut step: Step) -> Action {
+    fn drive(
+        &mut self,
+        endpoint: TokenEndpoint,
+        mut exchange: TokenExchange,
+        mut step: Step,
+    ) -> Action {
         let Some(settings) = self.settings.clone() else {
             return Action::Continue;
         };
@@ -154,7 +205,11 @@ impl Filter {
         };
         loop {
             match step {
-                Step::Respond(r) => return self.respond(&r),
+                Step::Respond(r) => {
+                    let outcome = metrics::outcome(&r, exchange.issued_full_access());
+                    count(&metrics::token_requests(endpoint, outcome));
+                    return self.respond(&r);
+                }
                 Step::Callout(c) => {
                     let cluster = match (c.target, c.upstream.tls) {
                         (CalloutTarget::LiveKit, _) => &service.envoy_livekit_cluster,
@@ -171,10 +226,17 @@ impl Filter {
                     };
                     match dispatch(cluster, &c) {
                         Ok(token) => {
-                            self.phase = Phase::AwaitingCallout { token, exchange };
+                            self.phase = Phase::AwaitingCallout {
+                                token,
+                                exchange,
+                                endpoint,
+                                target: c.target,
+                                started_ms: now_ms(),
+                            };
                             return Action::Pause;
                         }
                         Err(detail) => {
+                            count(&metrics::callouts(c.target, None, false));
                             // No callback will ever come: answer now.
                             log::warn!(
                                 "callout to {} via cluster {cluster} not dispatched: {detail}",
@@ -229,8 +291,13 @@ fn slot_key(server_name: &str) -> String {
 impl DiscoveryCache for SharedDataCache {
     fn get(&self, server_name: &str) -> Option<CachedDelegation> {
         let (bytes, _) = hostcalls::get_shared_data(&slot_key(server_name)).ok()?;
-        let value: SlotValue = serde_json::from_slice(&bytes?).ok()?;
-        (value.server == server_name).then_some(CachedDelegation {
+        let found = bytes
+            .and_then(|b| serde_json::from_slice::<SlotValue>(&b).ok())
+            .filter(|v| v.server == server_name);
+        count(&metrics::well_known_cache(
+            found.as_ref().is_some_and(|v| v.expires_at > now_secs()),
+        ));
+        found.map(|value| CachedDelegation {
             authority: value.authority,
             expires_at: value.expires_at,
         })
@@ -287,11 +354,20 @@ impl Context for Filter {
         if *token != token_id {
             return;
         }
-        let Phase::AwaitingCallout { mut exchange, .. } =
-            std::mem::replace(&mut self.phase, Phase::Idle)
+        let Phase::AwaitingCallout {
+            mut exchange,
+            endpoint,
+            target,
+            started_ms,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
         else {
             return;
         };
+        record(
+            &metrics::callout_duration_ms(target),
+            now_ms().saturating_sub(started_ms),
+        );
         let Some(settings) = self.settings.clone() else {
             return;
         };
@@ -331,8 +407,9 @@ impl Context for Filter {
             cache_control,
             detail: &detail,
         };
+        count(&metrics::callouts(target, status, true));
         let step = exchange.on_callout_response(service, result, &SharedDataCache, now_secs());
-        let _ = self.drive(exchange, step);
+        let _ = self.drive(endpoint, exchange, step);
     }
 }
 
@@ -357,8 +434,9 @@ impl HttpContext for Filter {
                                 Some(prefix.as_str()),
                             )
                         });
-                if let Err(status) = set {
-                    log::error!("rewriting the request path failed: {status:?}");
+                match set {
+                    Ok(()) => count(metrics::STRIP_PREFIX_REWRITES),
+                    Err(status) => log::error!("rewriting the request path failed: {status:?}"),
                 }
                 Action::Continue
             }
@@ -368,6 +446,7 @@ impl HttpContext for Filter {
                 let declared =
                     request_header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
                 if declared.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES) {
+                    count(&metrics::token_requests(endpoint, "too_large"));
                     return self.respond(&LocalResponse::error(MatrixError::TOO_LARGE));
                 }
                 if end_of_stream {
@@ -388,6 +467,7 @@ impl HttpContext for Filter {
             };
         };
         if body_size > MAX_REQUEST_BODY_BYTES {
+            count(&metrics::token_requests(endpoint, "too_large"));
             return self.respond(&LocalResponse::error(MatrixError::TOO_LARGE));
         }
         if !end_of_stream {

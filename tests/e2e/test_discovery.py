@@ -98,6 +98,11 @@ def test_well_known_delegation_is_followed_and_cached(discovery_envoy, well_know
     [wk] = well_known.calls("deleg.example.test")
     assert wk.method == "GET" and wk.path == "/.well-known/matrix/server"
     assert wk.header("host") == ["deleg.example.test:443"]
+    from test_metrics import scrape
+
+    metrics = scrape(discovery_envoy)
+    assert metrics.get('matrixrtc_well_known_cache{result="hit"}', 0) >= 3, metrics
+    assert metrics.get('matrixrtc_callouts{target="well_known",result="ok"}', 0) >= 1
 
 
 def test_sub_must_match_original_server_name_not_delegate(discovery_envoy, well_known, homeserver):
