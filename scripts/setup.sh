@@ -34,6 +34,6 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requireme
 fi
 
 log "building the proxy-wasm filter and the Traefik plugin (release)"
-cargo build -q --release --target wasm32-wasip1
+cargo build -q --release --target wasm32-wasip1 --lib
 cargo build -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik
 ls -l target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm target/wasm32-wasip1/release/matrixrtc-traefik.wasm

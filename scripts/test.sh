@@ -9,7 +9,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 echo "==> cargo clippy (native, all targets; wasm32-wasip1 filter and Traefik plugin)"
 cargo clippy -q --all-targets -- -D warnings
-cargo clippy -q --release --target wasm32-wasip1 -- -D warnings
+cargo clippy -q --release --target wasm32-wasip1 --lib -- -D warnings
 cargo clippy -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik -- -D warnings
 echo "==> cargo test (core unit tests)"
 cargo test -q

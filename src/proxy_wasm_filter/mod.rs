@@ -125,7 +125,7 @@ fn now_ms() -> u64 {
 thread_local! {
     /// Metric ids defined in this VM, by name (proxy-wasm ids are per VM).
     static METRIC_IDS: std::cell::RefCell<std::collections::BTreeMap<String, u32>> =
-        std::cell::RefCell::new(std::collections::BTreeMap::new());
+        const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
 }
 
 fn metric_id(name: &str, kind: MetricType) -> Option<u32> {

@@ -1,0 +1,237 @@
+//! `lk-jwt-migrate`: reads an lk-jwt-service environment (`LIVEKIT_*` variables) and prints the
+//! equivalent plugin configuration plus the Envoy and Traefik snippets that use it.
+//!
+//! ```text
+//! LIVEKIT_URL=wss://sfu.example.org LIVEKIT_KEY=devkey LIVEKIT_SECRET_FROM_FILE=/run/secret \
+//! LIVEKIT_FULL_ACCESS_HOMESERVERS=example.org cargo run --bin lk-jwt-migrate -- --prefix /livekit-jwt-service
+//! ```
+//!
+//! Secrets never appear in the output: the configuration names environment variables
+//! (`livekitKeyEnv`, `livekitSecretEnv`) that Envoy passes to the filter. Exits 2 with a clear
+//! message when the environment is incomplete or invalid, 0 otherwise.
+
+use std::process::ExitCode;
+
+use matrixrtc_livekit_auth::config::Settings;
+
+/// What lk-jwt-service reads from its environment, resolved (files read, formats checked).
+struct Migration {
+    livekit_url: String,
+    key: String,
+    secret: String,
+    full_access: Vec<String>,
+    insecure: bool,
+    notes: Vec<String>,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A value given inline (`NAME`) or as a file path (`NAME_FROM_FILE`), exactly one of the two.
+fn inline_or_file(name: &str) -> Result<Option<String>, String> {
+    let file_var = format!("{name}_FROM_FILE");
+    match (var(name), var(&file_var)) {
+        (Some(_), Some(_)) => Err(format!("set either {name} or {file_var}, not both")),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("{file_var}: cannot read {path}: {e}"))
+            .and_then(|s| {
+                let v = s.trim().to_owned();
+                if v.is_empty() {
+                    Err(format!("{file_var}: {path} is empty"))
+                } else {
+                    Ok(Some(v))
+                }
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+fn read_environment() -> Result<Migration, String> {
+    let mut notes = Vec::new();
+    let livekit_url = var("LIVEKIT_URL").ok_or("LIVEKIT_URL is required")?;
+    let key = inline_or_file("LIVEKIT_KEY")?;
+    let secret = inline_or_file("LIVEKIT_SECRET")?;
+    let (key, secret) = match (key, secret, var("LIVEKIT_KEY_FILE")) {
+        (Some(k), Some(s), None) => (k, s),
+        (None, None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("LIVEKIT_KEY_FILE: cannot read {path}: {e}"))?;
+            let (k, s) = text.trim().split_once(':').ok_or(format!(
+                "LIVEKIT_KEY_FILE: {path} is not in the `APIkey: secret` format"
+            ))?;
+            (k.trim().to_owned(), s.trim().to_owned())
+        }
+        (_, _, Some(_)) => {
+            return Err(
+                "LIVEKIT_KEY_FILE is mutually exclusive with LIVEKIT_KEY/LIVEKIT_SECRET".into(),
+            )
+        }
+        (None, _, None) => {
+            return Err(
+                "LIVEKIT_KEY (or LIVEKIT_KEY_FROM_FILE or LIVEKIT_KEY_FILE) is required".into(),
+            )
+        }
+        (_, None, None) => {
+            return Err(
+                "LIVEKIT_SECRET (or LIVEKIT_SECRET_FROM_FILE or LIVEKIT_KEY_FILE) is required"
+                    .into(),
+            )
+        }
+    };
+    if key.is_empty() || secret.is_empty() {
+        return Err("the LiveKit API key and secret must not be empty".into());
+    }
+    let full_access: Vec<String> = var("LIVEKIT_FULL_ACCESS_HOMESERVERS")
+        .ok_or("LIVEKIT_FULL_ACCESS_HOMESERVERS is required (a comma-separated list, or *)")?
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let insecure = match var("LIVEKIT_INSECURE_SKIP_VERIFY_TLS").as_deref() {
+        Some("YES_I_KNOW_WHAT_I_AM_DOING") => {
+            notes.push("LIVEKIT_INSECURE_SKIP_VERIFY_TLS: mapped to insecureSkipVerify (TEST ONLY; needs the insecure Envoy cluster, see README)".into());
+            true
+        }
+        Some(_) => {
+            notes.push("LIVEKIT_INSECURE_SKIP_VERIFY_TLS: ignored (lk-jwt-service only honours YES_I_KNOW_WHAT_I_AM_DOING)".into());
+            false
+        }
+        None => false,
+    };
+    for (name, what) in [
+        ("LIVEKIT_JWT_BIND", "the proxy's listener replaces it"),
+        ("LIVEKIT_JWT_PORT", "the proxy's listener replaces it"),
+        (
+            "LIVEKIT_LOG_LEVEL",
+            "set the proxy's log level (Envoy: --component-log-level wasm:LEVEL)",
+        ),
+        (
+            "LIVEKIT_CAN_UPDATE_OWN_METADATA",
+            "the filter always grants canUpdateOwnMetadata (product contract)",
+        ),
+        ("LIVEKIT_REDIS_URL", "no delayed-leave jobs to persist yet"),
+        (
+            "LIVEKIT_REDIS_PASSWORD",
+            "no delayed-leave jobs to persist yet",
+        ),
+        (
+            "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS",
+            "delayed-leave delegation is not built yet",
+        ),
+        (
+            "LIVEKIT_CS_API_URL_OVERRIDES",
+            "delayed-leave delegation is not built yet",
+        ),
+        (
+            "LIVEKIT_AS_TOKEN",
+            "application-service mode is not supported",
+        ),
+        (
+            "LIVEKIT_HS_TOKEN",
+            "application-service mode is not supported",
+        ),
+        (
+            "LIVEKIT_AS_REGISTRATION_FILE",
+            "application-service mode is not supported",
+        ),
+        (
+            "LIVEKIT_HS_SERVER_NAME",
+            "application-service mode is not supported",
+        ),
+    ] {
+        if var(name).is_some() {
+            notes.push(format!("{name}: not carried over ({what})"));
+        }
+    }
+    Ok(Migration {
+        livekit_url,
+        key,
+        secret,
+        full_access,
+        insecure,
+        notes,
+    })
+}
+
+fn plugin_configuration(m: &Migration, prefix: Option<&str>) -> serde_json::Value {
+    let mut cfg = serde_json::Map::new();
+    if let Some(p) = prefix {
+        cfg.insert("stripPrefixes".into(), serde_json::json!([p]));
+    }
+    cfg.insert("livekitUrl".into(), serde_json::json!(m.livekit_url));
+    cfg.insert("livekitKeyEnv".into(), serde_json::json!("LIVEKIT_KEY"));
+    cfg.insert(
+        "livekitSecretEnv".into(),
+        serde_json::json!("LIVEKIT_SECRET"),
+    );
+    cfg.insert(
+        "fullAccessHomeservers".into(),
+        serde_json::json!(m.full_access),
+    );
+    if m.insecure {
+        cfg.insert("insecureSkipVerify".into(), serde_json::json!(true));
+    }
+    serde_json::Value::Object(cfg)
+}
+
+fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let prefix = match args.as_slice() {
+        [] => None,
+        [flag, p] if flag == "--prefix" => Some(p.as_str()),
+        _ => return Err("usage: lk-jwt-migrate [--prefix /livekit-jwt-service]".into()),
+    };
+    let m = read_environment()?;
+    let cfg = plugin_configuration(&m, prefix);
+    let json = serde_json::to_string_pretty(&cfg).map_err(|e| e.to_string())?;
+    // The output must load: validate it exactly as the filter will, with the real values.
+    let (key, secret) = (m.key.clone(), m.secret.clone());
+    Settings::from_json(json.as_bytes(), &move |name| match name {
+        "LIVEKIT_KEY" => Some(key.clone()),
+        "LIVEKIT_SECRET" => Some(secret.clone()),
+        _ => None,
+    })
+    .map_err(|e| format!("the resulting {e}"))?;
+
+    println!("# Plugin configuration (JSON)\n{json}\n");
+    println!(
+        "# Envoy: the wasm filter's config (see envoy/envoy.yaml for the clusters it needs).\n\
+         # Start Envoy with LIVEKIT_KEY and LIVEKIT_SECRET in its environment{}.",
+        if var("LIVEKIT_SECRET_FROM_FILE").is_some() || var("LIVEKIT_KEY_FILE").is_some() {
+            " (read them from your secret file, e.g. systemd EnvironmentFile=)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "configuration:\n  \"@type\": type.googleapis.com/google.protobuf.StringValue\n  value: |\n{}vm_config:\n  environment_variables:\n    host_env_keys: [LIVEKIT_KEY, LIVEKIT_SECRET]\n",
+        indent(&json, 4)
+    );
+    println!("# Traefik: the plugin strips prefixes; its token service is not available yet,");
+    println!("# so keep lk-jwt-service behind the prefix there:");
+    println!(
+        "http:\n  middlewares:\n    matrixrtc:\n      plugin:\n        matrixrtc:\n          stripPrefixes: [\"{}\"]",
+        prefix.unwrap_or("/livekit-jwt-service")
+    );
+    for note in &m.notes {
+        eprintln!("note: {note}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lk-jwt-migrate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

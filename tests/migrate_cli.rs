@@ -1,0 +1,158 @@
+//! `lk-jwt-migrate` end to end: the binary with a given environment, its output and exit code.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::process::Command;
+
+fn run(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lk-jwt-migrate"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn plugin_json(stdout: &str) -> serde_json::Value {
+    let start = stdout.find('{').unwrap();
+    let end = stdout.find("\n}\n").unwrap() + 2;
+    serde_json::from_str(&stdout[start..end]).unwrap()
+}
+
+#[test]
+fn migrates_a_typical_environment() {
+    let (code, out, err) = run(
+        &[
+            ("LIVEKIT_URL", "wss://sfu.example.org"),
+            ("LIVEKIT_KEY", "devkey"),
+            ("LIVEKIT_SECRET", "s3cret-value"),
+            (
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS",
+                "example.org, matrix.example.net",
+            ),
+            ("LIVEKIT_JWT_PORT", "8080"),
+        ],
+        &["--prefix", "/livekit-jwt-service"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        plugin_json(&out),
+        serde_json::json!({
+            "livekitUrl": "wss://sfu.example.org", "livekitKeyEnv": "LIVEKIT_KEY",
+            "livekitSecretEnv": "LIVEKIT_SECRET",
+            "fullAccessHomeservers": ["example.org", "matrix.example.net"],
+            "stripPrefixes": ["/livekit-jwt-service"],
+        })
+    );
+    assert!(out.contains("host_env_keys: [LIVEKIT_KEY, LIVEKIT_SECRET]"));
+    assert!(out.contains("stripPrefixes: [\"/livekit-jwt-service\"]"));
+    assert!(
+        !out.contains("s3cret-value") && !err.contains("s3cret-value"),
+        "never print the secret"
+    );
+    assert!(err.contains("LIVEKIT_JWT_PORT: not carried over"));
+}
+
+#[test]
+fn reads_secret_files() {
+    let dir = std::env::temp_dir().join(format!("lkmig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keyfile = dir.join("keys");
+    std::fs::write(&keyfile, "devkey: file-secret\n").unwrap();
+    let (code, out, err) = run(
+        &[
+            ("LIVEKIT_URL", "ws://127.0.0.1:7880"),
+            ("LIVEKIT_KEY_FILE", keyfile.to_str().unwrap()),
+            ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "*"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        plugin_json(&out)["fullAccessHomeservers"],
+        serde_json::json!(["*"])
+    );
+    assert!(!out.contains("file-secret"));
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "  from-file  \n").unwrap();
+    let (code, _, err) = run(
+        &[
+            ("LIVEKIT_URL", "wss://x"),
+            ("LIVEKIT_KEY", "k"),
+            ("LIVEKIT_SECRET_FROM_FILE", secret.to_str().unwrap()),
+            ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "example.org"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn refuses_invalid_input_with_a_clear_message() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "LIVEKIT_URL is required"),
+        (
+            &[
+                ("LIVEKIT_URL", "wss://x"),
+                ("LIVEKIT_SECRET", "s"),
+                ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "a"),
+            ],
+            "LIVEKIT_KEY",
+        ),
+        (
+            &[
+                ("LIVEKIT_URL", "wss://x"),
+                ("LIVEKIT_KEY", "k"),
+                ("LIVEKIT_SECRET", "s"),
+            ],
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS is required",
+        ),
+        (
+            &[
+                ("LIVEKIT_URL", "sfu.example.org"),
+                ("LIVEKIT_KEY", "k"),
+                ("LIVEKIT_SECRET", "s"),
+                ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "a"),
+            ],
+            "invalid plugin configuration: livekitUrl",
+        ),
+        (
+            &[
+                ("LIVEKIT_URL", "wss://x"),
+                ("LIVEKIT_KEY", "k"),
+                ("LIVEKIT_SECRET", "s"),
+                ("LIVEKIT_SECRET_FROM_FILE", "/nope"),
+                ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "a"),
+            ],
+            "set either LIVEKIT_SECRET or LIVEKIT_SECRET_FROM_FILE",
+        ),
+        (
+            &[
+                ("LIVEKIT_URL", "wss://x"),
+                ("LIVEKIT_KEY", "k"),
+                ("LIVEKIT_SECRET_FROM_FILE", "/nonexistent/secret"),
+                ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "a"),
+            ],
+            "LIVEKIT_SECRET_FROM_FILE: cannot read /nonexistent/secret",
+        ),
+    ];
+    for (env, message) in cases {
+        let (code, out, err) = run(env, &[]);
+        assert_eq!(code, 2, "{env:?}: {out}{err}");
+        assert!(err.contains(message), "{env:?}: `{err}` lacks `{message}`");
+        assert!(out.is_empty());
+    }
+    let (code, _, err) = run(&[], &["--bogus"]);
+    assert_eq!((code, err.contains("usage")), (2, true));
+}
