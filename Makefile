@@ -1,5 +1,5 @@
 # Convenience targets; each is one script in scripts/.
-.PHONY: demo test bench fuzz soak build
+.PHONY: demo test bench fuzz soak build release
 
 build:
 	scripts/setup.sh
@@ -18,3 +18,6 @@ fuzz:
 
 soak:
 	scripts/soak.sh 180 64
+
+release:
+	scripts/release.sh
