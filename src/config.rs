@@ -38,6 +38,7 @@ pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3_600;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawConfig {
     strip_prefixes: Option<Vec<String>>,
+    log_level: Option<String>,
     livekit_url: Option<String>,
     livekit_key: Option<String>,
     livekit_key_env: Option<String>,
@@ -249,6 +250,9 @@ pub struct Settings {
     pub strip_prefixes: Vec<Prefix>,
     /// The inline token service, or `None` when only strip-prefix is on.
     pub token_service: Option<TokenService>,
+    /// `logLevel`: the most verbose level the filter logs at (default `info`). The proxy's
+    /// own log level applies on top (Envoy: `--component-log-level wasm:debug`).
+    pub log_level: log::LevelFilter,
 }
 
 impl Settings {
@@ -266,6 +270,19 @@ impl Settings {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let raw = parse_raw(json)?;
+        let log_level = match raw.log_level.as_deref() {
+            None | Some("info") => log::LevelFilter::Info,
+            Some("error") => log::LevelFilter::Error,
+            Some("warn") => log::LevelFilter::Warn,
+            Some("debug") => log::LevelFilter::Debug,
+            Some("trace") => log::LevelFilter::Trace,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "logLevel",
+                    format!("`{other}` is not one of error, warn, info, debug, trace"),
+                ))
+            }
+        };
         let strip_prefixes = parse_prefixes(raw.strip_prefixes.as_deref().unwrap_or_default())?;
         let token_service = match raw.livekit_url.clone() {
             None => {
@@ -283,6 +300,7 @@ impl Settings {
         Ok(Self {
             strip_prefixes,
             token_service,
+            log_level,
         })
     }
 }
@@ -339,12 +357,15 @@ fn parse_prefixes(list: &[String]) -> Result<Vec<Prefix>, ConfigError> {
     Ok(prefixes)
 }
 
-/// Every key but `stripPrefixes` belongs to the token service: refuse them without
+/// Every key but `stripPrefixes` and `logLevel` belongs to the token service: refuse them without
 /// `livekitUrl`, so a typo there cannot silently switch the token service off.
 fn refuse_token_keys_without_url(json: &[u8]) -> Result<(), ConfigError> {
     let keys: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(json).unwrap_or_default();
-    match keys.keys().find(|k| k.as_str() != "stripPrefixes") {
+    match keys
+        .keys()
+        .find(|k| !matches!(k.as_str(), "stripPrefixes" | "logLevel"))
+    {
         Some(key) => Err(ConfigError::new(
             key.as_str(),
             "only meaningful for the token service, which is off because livekitUrl is not set",
@@ -577,6 +598,21 @@ mod tests {
         let s = parse(r#"{"stripPrefixes":["/livekit-jwt-service/"]}"#).unwrap();
         assert_eq!(s.strip_prefixes[0].as_str(), "/livekit-jwt-service");
         assert!(s.token_service.is_none());
+    }
+
+    #[test]
+    fn log_level() {
+        let s = parse(r#"{"stripPrefixes":["/a"],"logLevel":"debug"}"#).unwrap();
+        assert_eq!(s.log_level, log::LevelFilter::Debug);
+        assert_eq!(
+            parse(r#"{"stripPrefixes":["/a"]}"#).unwrap().log_level,
+            log::LevelFilter::Info
+        );
+        refused(
+            r#"{"stripPrefixes":["/a"],"logLevel":"loud"}"#,
+            "logLevel",
+            "not one of",
+        );
     }
 
     #[test]

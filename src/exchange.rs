@@ -291,7 +291,8 @@ impl TokenExchange {
                     Ok(found) => {
                         match &found.fallback_reason {
                             Some(reason) => log::info!(
-                                "discovery for {server}: {reason} {}; using {}",
+                                "discovery for {server}: {reason}{}{}; using {}",
+                                if result.detail.is_empty() { "" } else { " " },
                                 result.detail,
                                 found.upstream.authority
                             ),
@@ -372,7 +373,8 @@ impl TokenExchange {
             Ok(sub) => sub,
             Err(reason) => {
                 log::warn!(
-                    "OpenID token for server name {server} not accepted: {reason} {}",
+                    "OpenID token for server name {server} not accepted: {reason}{}{}",
+                    if result.detail.is_empty() { "" } else { " " },
                     result.detail
                 );
                 return Step::Respond(LocalResponse::error(MatrixError::UNAUTHORIZED));

@@ -29,9 +29,59 @@ use crate::response::LocalResponse;
 mod entry {
     use super::*;
     proxy_wasm::main! {{
-        proxy_wasm::set_log_level(LogLevel::Trace);
+        install_logger();
         proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { settings: None }) });
     }}
+}
+
+/// Logs through the host, prefixing every line with the `x-request-id` of the request being
+/// handled (so one failure is one line that can be joined with Envoy's access log), and logs a
+/// panic at `critical` before the VM aborts.
+struct RequestLogger;
+
+thread_local! {
+    /// The `x-request-id` of the request whose callback is running (VMs are single-threaded).
+    static REQUEST_ID: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+fn set_request_id(id: Option<String>) {
+    REQUEST_ID.with(|r| *r.borrow_mut() = id);
+}
+
+impl log::Log for RequestLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => LogLevel::Error,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Trace => LogLevel::Trace,
+        };
+        let message = REQUEST_ID.with(|r| match r.borrow().as_deref() {
+            Some(id) => format!("request {id}: {}", record.args()),
+            None => record.args().to_string(),
+        });
+        let _ = hostcalls::log(level, &message);
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: RequestLogger = RequestLogger;
+
+fn install_logger() {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("panic: {info}"));
+    }));
 }
 
 /// Root context: owns the validated plugin configuration.
@@ -43,6 +93,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        set_request_id(None);
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(b) => b.unwrap_or_default(),
             Err(status) => {
@@ -52,6 +103,7 @@ impl RootContext for Root {
         };
         match Settings::from_json(&bytes, &|name| std::env::var(name).ok()) {
             Ok(settings) => {
+                log::set_max_level(settings.log_level);
                 let prefixes: Vec<&str> =
                     settings.strip_prefixes.iter().map(|p| p.as_str()).collect();
                 match &settings.token_service {
@@ -82,6 +134,7 @@ impl RootContext for Root {
         Some(Box::new(Filter {
             settings: self.settings.clone(),
             phase: Phase::Idle,
+            request_id: None,
         }))
     }
 
@@ -107,6 +160,8 @@ enum Phase {
 struct Filter {
     settings: Option<Rc<Settings>>,
     phase: Phase,
+    /// `x-request-id` of a token request (read only for those: they are what logs).
+    request_id: Option<String>,
 }
 
 fn request_header(name: &str) -> Option<String> {
@@ -348,6 +403,7 @@ impl Context for Filter {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        set_request_id(self.request_id.clone());
         let Phase::AwaitingCallout { token, .. } = &self.phase else {
             return;
         };
@@ -415,6 +471,7 @@ impl Context for Filter {
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        set_request_id(None);
         let Some(settings) = self.settings.clone() else {
             return Action::Continue;
         };
@@ -442,6 +499,8 @@ impl HttpContext for Filter {
             }
             Decision::Respond(r) => self.respond(&r),
             Decision::ReadBody(endpoint) => {
+                self.request_id = request_header("x-request-id");
+                set_request_id(self.request_id.clone());
                 log::debug!("token request to {endpoint:?}: reading the body");
                 let declared =
                     request_header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
@@ -459,6 +518,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        set_request_id(self.request_id.clone());
         log::debug!("request body: {body_size} bytes buffered, end_of_stream {end_of_stream}");
         let Phase::ReadingBody(endpoint) = self.phase else {
             return match self.phase {
@@ -481,6 +541,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        set_request_id(self.request_id.clone());
         // A body followed by trailers never has end_of_stream set in the body callback.
         let Phase::ReadingBody(endpoint) = self.phase else {
             return match self.phase {

@@ -488,3 +488,38 @@ def test_no_token_or_secret_in_logs(envoy, homeserver):
     log = envoy.log()
     for secret in (token, bad, jwt, LIVEKIT_SECRET):
         assert secret not in log
+
+
+# ---------------------------------------------------------------- logs
+
+
+def test_failure_is_one_log_line_with_request_id_and_reason(envoy, homeserver, sfu):
+    """One line per failure: Envoy's x-request-id, the reason class, the server name; never the
+    token."""
+    token = new_token()
+    r = request(envoy.port, "POST", GET_TOKEN, json.dumps(get_token_body(token)).encode(),
+                headers={"Content-Type": "application/json", "x-request-id": "req-4711"})
+    assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+    deadline = time.monotonic() + 5
+    want = "request req-4711: OpenID token for server name example.org not accepted: homeserver answered status 401"
+    while want not in envoy.log():
+        assert time.monotonic() < deadline, envoy.log()[-2000:]
+        time.sleep(0.1)
+    lines = [line for line in envoy.log().splitlines() if "req-4711" in line]
+    assert len(lines) == 1, lines
+    assert token not in envoy.log()
+
+
+def test_log_level_from_configuration(workdir, ca, homeserver, sfu, upstream):
+    token = new_token()
+    homeserver.tokens[token] = "@alice:example.org"
+    with Envoy(workdir, standard_config(homeserver, sfu), upstream_port=upstream.port, ca=ca) as e:
+        assert post_json(e.port, GET_TOKEN, get_token_body(token)).status == 200
+        assert "reading the body" not in e.log(), "debug lines are off by default"
+    with Envoy(workdir, standard_config(homeserver, sfu, logLevel="debug"), upstream_port=upstream.port, ca=ca) as e:
+        assert post_json(e.port, GET_TOKEN, get_token_body(token)).status == 200
+        assert "reading the body" in e.log()
+    with Envoy(workdir, standard_config(homeserver, sfu, logLevel="error"), upstream_port=upstream.port, ca=ca) as e:
+        assert post_json(e.port, GET_TOKEN, get_token_body(new_token())).status == 401
+        time.sleep(0.5)
+        assert "not accepted" not in e.log(), "warnings are off at logLevel error"
