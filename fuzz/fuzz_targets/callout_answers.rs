@@ -2,24 +2,16 @@
 //! `.well-known`, userinfo and CreateRoom: never a panic, never a token without a valid `sub`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use matrixrtc_livekit_auth::config::Settings;
 use matrixrtc_livekit_auth::discovery::NoCache;
 use matrixrtc_livekit_auth::exchange::{CalloutResult, Step, TokenExchange};
 use matrixrtc_livekit_auth::requests::TokenEndpoint;
-use std::sync::OnceLock;
-
-fn settings() -> &'static Settings {
-    static S: OnceLock<Settings> = OnceLock::new();
-    S.get_or_init(|| {
-        let json = br#"{"livekitUrl":"wss://sfu.example.org","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["example.org"]}"#;
-        Settings::from_json(json, &|_| None).expect("valid")
-    })
-}
+#[path = "common.rs"]
+mod common;
 
 const BODY: &[u8] = br#"{"room_id":"!r:example.org","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","matrix_server_name":"example.org"},"member":{"id":"m","claimed_user_id":"@a:example.org","claimed_device_id":"D"}}"#;
 
 fuzz_target!(|data: &[u8]| {
-    let Some(service) = settings().token_service.as_ref() else { return };
+    let service = common::service();
     let (mut ex, mut step) = TokenExchange::start(service, TokenEndpoint::GetToken, BODY, &NoCache, 1_800_000_000);
     let mut answers = data.split(|b| *b == 0xff);
     let mut saw_sub = false;

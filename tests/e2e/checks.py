@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import csv
+import hashlib
 import json
 import uuid
+from pathlib import Path
 
 import jwt as pyjwt
 from livekit.api import TokenVerifier
@@ -129,3 +131,43 @@ def post_json(port: int, target: str, body, **kw) -> Response:
 
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return request(port, "POST", target, data, headers={"Content-Type": "application/json"}, **kw)
+
+
+# ------------------------------------------------------------------ strip-prefix scenarios
+# One scenario list and one check for both proxies (Envoy filter, Traefik plugin), so the two
+# builds cannot drift apart.
+
+STRIP_CASES = Path(__file__).resolve().parents[1] / "cases" / "strip-prefix.tsv"
+
+
+def strip_rows() -> list[dict]:
+    with STRIP_CASES.open(newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def send_strip_case(port: int, row: dict):
+    """Sends one row of the case file (POST rows with a JSON body); returns (response, body)."""
+    from harness import request
+
+    body = b'{"room_id":"!r:example.org"}' if row["method"] == "POST" else None
+    headers = {"Content-Type": "application/json"} if body else {}
+    return request(port, row["method"], row["request_target"], body, headers=headers), body
+
+
+def assert_strip_case(upstream, row: dict, response: Response, body: bytes | None, prefix: str) -> None:
+    """The upstream received exactly the expected target, `X-Forwarded-Prefix` once (or not at
+    all for untouched requests), the same method, body and Content-Type; no redirect."""
+    __tracebackhide__ = True
+    assert response.status == 200, f"no redirect, no error: {response.status} {response.body!r}"
+    [got] = upstream.recorded()
+    assert got.method == row["method"]
+    if row["expected_upstream_target"] == "UNTOUCHED":
+        assert got.path == row["request_target"]
+        assert got.header("x-forwarded-prefix") == []
+    else:
+        assert got.path == row["expected_upstream_target"]
+        assert got.header("x-forwarded-prefix") == [prefix]
+    assert got.body == (body or b"")
+    if body:
+        assert got.header("content-type") == ["application/json"]
+        assert base64.b64decode(response.json()["body_b64"]) == body

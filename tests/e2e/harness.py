@@ -513,7 +513,43 @@ def _point_livekit_cluster(cluster: dict, plugin_config: dict, ca: TestCA | None
         }
 
 
-class Envoy:
+class ManagedProcess:
+    """A child process a test starts and always stops: `proc`, its output file `_log`
+    (opened by `start`), `log_path`; `stop()` terminates (then kills) it; usable as a context
+    manager around `start()`."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path
+    stop_timeout: float = 10.0
+
+    def start(self):  # pragma: no cover - each subclass starts its own process
+        raise NotImplementedError
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Envoy(ManagedProcess):
     """A real Envoy process with the filter. Use as a context manager; the log is kept in
     `log_path` and printed by the tests' failure hook.
 
@@ -588,31 +624,9 @@ class Envoy:
             capture_output=True, text=True, env=self.env, cwd=self.cwd, timeout=120,
         )
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def stats(self) -> str:
         return request(self.admin_port, "GET", "/stats").body.decode()
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class EnvoyExited(RuntimeError):

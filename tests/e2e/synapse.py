@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from harness import request
+from harness import ManagedProcess, request
 
 
-class Synapse:
+class Synapse(ManagedProcess):
+    stop_timeout = 15.0
+
     """`Synapse(dir, port, server_name)`: a context manager that runs Synapse listening on
     127.0.0.1:`port` with the client and federation resources over plain HTTP."""
 
@@ -85,22 +87,6 @@ class Synapse:
                 out += p.read_text(errors="replace")[-8000:]
         return out
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # ------------------------------------------------------------------ client-server API
 

@@ -4,29 +4,22 @@ what it received."""
 
 from __future__ import annotations
 
-import base64
-import csv
 from pathlib import Path
 
 import pytest
 
+from checks import STRIP_CASES, assert_strip_case, send_strip_case, strip_rows
 from conftest import PREFIX
 from harness import Envoy, request
 
-CASES = Path(__file__).resolve().parents[1] / "cases" / "strip-prefix.tsv"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "cases" / "strip-prefix.tsv"
-
-
-def rows():
-    with CASES.open(newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 def test_case_file_matches_shared_copy():
     """tests/cases/ is a copy of shared/cases/ (so the crate builds alone); keep them equal."""
     if not SHARED.exists():
         pytest.skip("shared/ is not beside the checkout")
-    assert CASES.read_bytes() == SHARED.read_bytes()
+    assert STRIP_CASES.read_bytes() == SHARED.read_bytes()
 
 
 @pytest.fixture(scope="module", params=[PREFIX, PREFIX + "/"], ids=["prefix", "prefix-slash"])
@@ -36,26 +29,10 @@ def strip_envoy(request, workdir, upstream):
         yield e
 
 
-@pytest.mark.parametrize("row", rows(), ids=lambda r: f"{r['method']} {r['request_target']}")
+@pytest.mark.parametrize("row", strip_rows(), ids=lambda r: f"{r['method']} {r['request_target']}")
 def test_strip_prefix_case(strip_envoy, upstream, row):
-    body = b'{"room_id":"!r:example.org"}' if row["method"] == "POST" else None
-    headers = {"Content-Type": "application/json"} if body else {}
-    r = request(strip_envoy.port, row["method"], row["request_target"], body, headers=headers)
-    assert r.status == 200, f"no redirect, no error: {r.status} {r.body!r}"
-    echo = r.json()
-    [got] = upstream.recorded()
-    assert echo["path"] == got.path
-    assert got.method == row["method"]
-    if row["expected_upstream_target"] == "UNTOUCHED":
-        assert got.path == row["request_target"]
-        assert got.header("x-forwarded-prefix") == []
-    else:
-        assert got.path == row["expected_upstream_target"]
-        assert got.header("x-forwarded-prefix") == [PREFIX]
-    assert got.body == (body or b"")
-    if body:
-        assert got.header("content-type") == ["application/json"]
-        assert base64.b64decode(echo["body_b64"]) == body
+    response, body = send_strip_case(strip_envoy.port, row)
+    assert_strip_case(upstream, row, response, body, PREFIX)
 
 
 def test_client_forwarded_prefix_is_replaced(strip_envoy, upstream):

@@ -3,25 +3,16 @@ with Traefik's native stripPrefix middleware, and refusal of invalid configurati
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import pytest
 
+from checks import assert_strip_case, send_strip_case, strip_rows
 from conftest import PREFIX
 from harness import request
 from traefik import TRAEFIK_WASM, Traefik
 
-CASES = Path(__file__).resolve().parents[1] / "cases" / "strip-prefix.tsv"
-ROWS = list(csv.DictReader(CASES.open(newline=""), delimiter="\t"))
+ROWS = strip_rows()
 
 pytestmark = pytest.mark.skipif(not TRAEFIK_WASM.exists(), reason="Traefik plugin not built")
-
-
-def send(port, row):
-    body = b'{"room_id":"!r:example.org"}' if row["method"] == "POST" else None
-    return request(port, row["method"], row["request_target"], body,
-                   headers={"Content-Type": "application/json"} if body else {}), body
 
 
 @pytest.fixture(scope="module", params=[PREFIX, PREFIX + "/"], ids=["prefix", "prefix-slash"])
@@ -32,17 +23,8 @@ def plugin_traefik(request, workdir, upstream):
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['method']} {r['request_target']}")
 def test_strip_prefix_case_through_traefik_plugin(plugin_traefik, upstream, row):
-    r, body = send(plugin_traefik.port, row)
-    assert r.status == 200, (r.status, r.body)
-    [got] = upstream.recorded()
-    assert got.method == row["method"]
-    if row["expected_upstream_target"] == "UNTOUCHED":
-        assert got.path == row["request_target"]
-        assert got.header("x-forwarded-prefix") == []
-    else:
-        assert got.path == row["expected_upstream_target"]
-        assert got.header("x-forwarded-prefix") == [PREFIX]
-    assert got.body == (body or b"")
+    response, body = send_strip_case(plugin_traefik.port, row)
+    assert_strip_case(upstream, row, response, body, PREFIX)
 
 
 # Traefik's own stripPrefix (with its default sanitizePath) for the same rows. Where it differs
@@ -62,7 +44,7 @@ def test_side_by_side_with_native_strip_prefix(workdir, upstream, configured):
         differing = {}
         for row in ROWS:
             upstream.clear()
-            r, _ = send(native.port, row)
+            r, _ = send_strip_case(native.port, row)
             assert r.status == 200
             [got] = upstream.recorded()
             expected = row["request_target"] if row["expected_upstream_target"] == "UNTOUCHED" \

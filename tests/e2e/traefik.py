@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import ROOT, free_port, request
+from harness import ROOT, ManagedProcess, free_port, request
 
 TRAEFIK_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "matrixrtc-traefik.wasm"
 MODULE = "matrixrtc"
@@ -25,7 +25,7 @@ def traefik_binary() -> str:
     return str(Path(sys.executable).parent / "traefik")
 
 
-class Traefik:
+class Traefik(ManagedProcess):
     def __init__(self, workdir: Path, options: dict | None, *, upstream_port: int,
                  env: dict[str, str] | None = None, native_strip: list[str] | None = None):
         """`options`: the plugin's middleware options (None: no plugin middleware);
@@ -85,25 +85,3 @@ class Traefik:
             time.sleep(0.2)
         raise TimeoutError("Traefik did not become ready:\n" + self.log()[-4000:])
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
