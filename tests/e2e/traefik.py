@@ -38,6 +38,8 @@ class Traefik(ManagedProcess):
         self.port = free_port()
         self.api_port = free_port()
         static = {
+            # No calls home from tests: only loopback traffic is allowed here.
+            "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
             "entryPoints": {"web": {"address": f"127.0.0.1:{self.port}"},
                             "traefik": {"address": f"127.0.0.1:{self.api_port}"}},
             "ping": {"entryPoint": "traefik"},
