@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 import yaml  # noqa: E402
 
 from harness import WASM, Envoy, envoy_binary, free_port, request  # noqa: E402
+from traefik import TRAEFIK_WASM, Traefik  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -183,7 +184,10 @@ def main() -> int:
     with_filter_restricted = filtered("other.example")
     # The same filter with a prefix that never matches: the cost of the proxy-wasm ABI alone.
     with_idle_filter = filtered("example.org", "/no-match")
-    for e in (with_filter, with_filter_restricted, with_idle_filter):
+    # Traefik with the plugin vs Traefik's native stripPrefix, same instant upstream.
+    traefik_plugin = Traefik(work, {"stripPrefixes": [PREFIX]}, upstream_port=up_port, log_level="ERROR")
+    traefik_native = Traefik(work, None, upstream_port=up_port, native_strip=[PREFIX], log_level="ERROR")
+    for e in (with_filter, with_filter_restricted, with_idle_filter, traefik_plugin, traefik_native):
         e.start()
     try:
         for e in (with_filter, with_filter_restricted):
@@ -193,19 +197,22 @@ def main() -> int:
         assert r.status == 200
 
         rss_before = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
-        results: dict[str, list] = {k: [] for k in ("strip_filter", "strip_native", "idle_filter", "token_restricted",
+        results: dict[str, list] = {k: [] for k in ("strip_filter", "strip_native", "idle_filter",
+                                                    "traefik_plugin", "traefik_native", "token_restricted",
                                                     "token_full", "one_round_trip")}
         for rnd in range(ROUNDS):
             print(f"round {rnd + 1}/{ROUNDS} …", file=sys.stderr, flush=True)
             results["strip_native"].append(wrk(native_port, PREFIX + "/a/b?x=1", False, work))
             results["strip_filter"].append(wrk(with_filter.port, PREFIX + "/a/b?x=1", False, work))
             results["idle_filter"].append(wrk(with_idle_filter.port, PREFIX + "/a/b?x=1", False, work))
+            results["traefik_native"].append(wrk(traefik_native.port, PREFIX + "/a/b?x=1", False, work))
+            results["traefik_plugin"].append(wrk(traefik_plugin.port, PREFIX + "/a/b?x=1", False, work))
             results["one_round_trip"].append(wrk(native_port, PREFIX + "/get_token", True, work))
             results["token_restricted"].append(wrk(with_filter_restricted.port, PREFIX + "/get_token", True, work))
             results["token_full"].append(wrk(with_filter.port, PREFIX + "/get_token", True, work))
         rss_after = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
     finally:
-        for p in (with_filter, with_filter_restricted, with_idle_filter):
+        for p in (with_filter, with_filter_restricted, with_idle_filter, traefik_plugin, traefik_native):
             p.stop()
         native.stop()
         backend.stop()
@@ -228,6 +235,10 @@ def main() -> int:
     added = med["strip_filter"][2] - med["strip_native"][2]
     print(f"    throughput ratio filter/native {ratio:.3f}  (target ≥ 0.95: {'met' if ratio >= 0.95 else 'MISSED'})")
     print(f"    added p99 {added:.0f} µs  (target ≤ 100 µs: {'met' if added <= 100 else 'MISSED'})")
+    line("strip-prefix, Traefik + plugin", "traefik_plugin")
+    line("strip-prefix, Traefik native stripPrefix", "traefik_native")
+    tratio = med["traefik_plugin"][0] / med["traefik_native"][0]
+    print(f"    throughput ratio plugin/native {tratio:.3f}  (Traefik; no target set)")
     line("token, restricted user (userinfo + CreateRoom)", "token_restricted")
     line("token, full-access user (userinfo + CreateRoom)", "token_full")
     line("one round trip: Envoy proxying the POST", "one_round_trip")

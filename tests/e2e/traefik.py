@@ -27,7 +27,8 @@ def traefik_binary() -> str:
 
 class Traefik(ManagedProcess):
     def __init__(self, workdir: Path, options: dict | None, *, upstream_port: int,
-                 env: dict[str, str] | None = None, native_strip: list[str] | None = None):
+                 env: dict[str, str] | None = None, native_strip: list[str] | None = None,
+                 log_level: str = "DEBUG"):
         """`options`: the plugin's middleware options (None: no plugin middleware);
         `native_strip`: use Traefik's own stripPrefix middleware with these prefixes instead."""
         self.dir = Path(tempfile.mkdtemp(prefix="traefik-", dir=workdir))
@@ -43,7 +44,7 @@ class Traefik(ManagedProcess):
             "entryPoints": {"web": {"address": f"127.0.0.1:{self.port}"},
                             "traefik": {"address": f"127.0.0.1:{self.api_port}"}},
             "ping": {"entryPoint": "traefik"},
-            "log": {"level": "DEBUG", "noColor": True},
+            "log": {"level": log_level, "noColor": True},
             "providers": {"file": {"filename": str(self.dir / "dynamic.yml")}},
             "experimental": {"localPlugins": {MODULE: {
                 "moduleName": MODULE,
