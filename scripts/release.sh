@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Release artifacts in dist/: the proxy-wasm filter, the Traefik plugin zip (plugin.wasm +
-# .traefik.yml, the layout Traefik's plugin catalogue and local-plugin mode expect), and
-# SHA-256 checksums.
+# Release artifacts in dist/: the proxy-wasm filter, the Traefik plugin (.wasm, and the zip of
+# plugin.wasm + .traefik.yml that Traefik's plugin catalogue and local-plugin mode expect), and
+# SHA-256 checksums of all three. (No OCI image for Istio's `oci://` URLs yet: serve the .wasm
+# over HTTPS with its sha256, as envoy/istio/wasmplugin.yaml shows.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 rm -rf dist && mkdir -p dist/traefik-plugin
 cp target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm dist/
+cp target/wasm32-wasip1/release/matrixrtc-traefik.wasm dist/
 cp target/wasm32-wasip1/release/matrixrtc-traefik.wasm dist/traefik-plugin/plugin.wasm
 cp traefik/.traefik.yml dist/traefik-plugin/
 .venv/bin/python - <<'PY'
@@ -16,5 +18,5 @@ with zipfile.ZipFile("dist/matrixrtc-traefik-plugin.zip", "w", zipfile.ZIP_DEFLA
     z.write("dist/traefik-plugin/.traefik.yml", ".traefik.yml")
 PY
 rm -rf dist/traefik-plugin
-(cd dist && sha256sum matrixrtc_livekit_auth.wasm matrixrtc-traefik-plugin.zip > SHA256SUMS)
+(cd dist && sha256sum matrixrtc_livekit_auth.wasm matrixrtc-traefik.wasm matrixrtc-traefik-plugin.zip > SHA256SUMS)
 ls -l dist && cat dist/SHA256SUMS
