@@ -54,6 +54,16 @@ pub enum Decision<'s> {
 /// (after collapsing a leading `//`) when there is no prefix. Everything else under a prefix
 /// is forwarded with the prefix stripped; everything else passes through.
 pub fn route<'s>(settings: &'s Settings, method: &str, target: &str) -> Decision<'s> {
+    route_lazy(settings, target, || Some(method.to_owned()))
+}
+
+/// [`route`] for hosts where reading the method costs a host call: `method` is called only
+/// for the token endpoints (a `None` method passes the request through).
+pub fn route_lazy<'s>(
+    settings: &'s Settings,
+    target: &str,
+    method: impl FnOnce() -> Option<String>,
+) -> Decision<'s> {
     let stripped = path::strip(&settings.strip_prefixes, target);
     if settings.token_service.is_some() {
         let local_path = match &stripped {
@@ -65,8 +75,11 @@ pub fn route<'s>(settings: &'s Settings, method: &str, target: &str) -> Decision
             }
             None => None,
         };
-        if let Some(decision) = local_path.and_then(|p| token_route(method, &p)) {
-            return decision;
+        if let Some(p) = local_path.filter(|p| is_token_path(p)) {
+            return match method().and_then(|m| token_route(&m, &p)) {
+                Some(decision) => decision,
+                None => Decision::PassThrough,
+            };
         }
     }
     match stripped {
@@ -76,6 +89,13 @@ pub fn route<'s>(settings: &'s Settings, method: &str, target: &str) -> Decision
         },
         None => Decision::PassThrough,
     }
+}
+
+fn is_token_path(local_path: &str) -> bool {
+    matches!(
+        local_path,
+        "/sfu/get" | "/get_token" | "/healthz" | "/delegate_delayed_leave"
+    )
 }
 
 fn token_route(method: &str, local_path: &str) -> Option<Decision<'static>> {

@@ -161,13 +161,13 @@ impl Plugin {
 
 impl Guest for Plugin {
     fn handle_request(&self, request: &Request, response: &Response) -> (bool, i32) {
-        let method = request.method();
         let uri = request.uri();
-        let (Ok(method), Ok(uri)) = (std::str::from_utf8(&method), std::str::from_utf8(&uri))
-        else {
+        let Ok(uri) = std::str::from_utf8(&uri) else {
             return (true, 0);
         };
-        match exchange::route(&self.settings, method, uri) {
+        // The method is read only for the token endpoints: one host call less per request.
+        let method = || String::from_utf8(request.method().to_vec()).ok();
+        match exchange::route_lazy(&self.settings, uri, method) {
             Decision::PassThrough => (true, 0),
             Decision::Forward { prefix, target } => {
                 request.set_uri(target.as_bytes());
