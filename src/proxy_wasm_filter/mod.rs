@@ -4,8 +4,8 @@
 //!
 //! Every host call goes through `proxy_wasm::hostcalls`, whose `Result`s are handled here,
 //! instead of the SDK trait helpers that `unwrap` them: a panic would kill the VM. Facts this
-//! relies on (measured, `shared/notes/hosts.md`): a callback may carry zero headers (reset after
-//! headers); a synchronous `dispatch_http_call` error means no callback will ever come.
+//! relies on (measured on Envoy 1.40, README "Envoy notes"): a callback may carry zero headers
+//! (reset after headers); a synchronous `dispatch_http_call` error means no callback will come.
 
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -46,6 +46,18 @@ thread_local! {
 
 fn set_request_id(id: Option<String>) {
     REQUEST_ID.with(|r| *r.borrow_mut() = id);
+}
+
+/// The request id as it may appear in a log line: at most 64 visible ASCII characters (a
+/// client may send its own `x-request-id`; it must not forge or flood log lines).
+fn loggable_request_id(raw: Option<String>) -> Option<String> {
+    raw.map(|id| {
+        id.chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect::<String>()
+    })
+    .filter(|id| !id.is_empty())
 }
 
 impl log::Log for RequestLogger {
@@ -499,7 +511,7 @@ impl HttpContext for Filter {
             }
             Decision::Respond(r) => self.respond(&r),
             Decision::ReadBody(endpoint) => {
-                self.request_id = request_header("x-request-id");
+                self.request_id = loggable_request_id(request_header("x-request-id"));
                 set_request_id(self.request_id.clone());
                 log::debug!("token request to {endpoint:?}: reading the body");
                 let declared =

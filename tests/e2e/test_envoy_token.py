@@ -523,3 +523,18 @@ def test_log_level_from_configuration(workdir, ca, homeserver, sfu, upstream):
         assert post_json(e.port, GET_TOKEN, get_token_body(new_token())).status == 401
         time.sleep(0.5)
         assert "not accepted" not in e.log(), "warnings are off at logLevel error"
+
+
+def test_request_id_in_logs_is_bounded(envoy, homeserver):
+    """A client-sent x-request-id cannot flood or forge log lines: visible ASCII only, 64 chars."""
+    token = new_token()
+    rid = "A" * 100 + " forged: OpenID token accepted"
+    r = request(envoy.port, "POST", GET_TOKEN, json.dumps(get_token_body(token)).encode(),
+                headers={"Content-Type": "application/json", "x-request-id": rid})
+    assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+    deadline = time.monotonic() + 5
+    want = "request " + "A" * 64 + ": OpenID token for server name example.org not accepted"
+    while want not in envoy.log():
+        assert time.monotonic() < deadline, envoy.log()[-2000:]
+        time.sleep(0.1)
+    assert "forged" not in envoy.log()
