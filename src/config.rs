@@ -9,8 +9,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Deserialize;
-
 use crate::discovery::HomeserverPolicy;
 use crate::matrix::ServerName;
 use crate::path::Prefix;
@@ -34,8 +32,8 @@ pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3_600;
 /// The plugin configuration exactly as written by the operator (wire names in camelCase).
 ///
 /// Every key is optional at this level; [`Settings::from_json`] decides what is required.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// Read key by key from the JSON object (see [`parse_raw`]) so every error names its key.
+#[derive(Debug, Default)]
 struct RawConfig {
     strip_prefixes: Option<Vec<String>>,
     log_level: Option<String>,
@@ -305,42 +303,107 @@ impl Settings {
     }
 }
 
+/// The keys of the plugin configuration, as written by operators.
+const KEYS: [&str; 19] = [
+    "stripPrefixes",
+    "logLevel",
+    "livekitUrl",
+    "livekitKey",
+    "livekitKeyEnv",
+    "livekitSecret",
+    "livekitSecretEnv",
+    "fullAccessHomeservers",
+    "livekitApiUrl",
+    "homeservers",
+    "calloutTimeoutMs",
+    "tokenLifetimeSecs",
+    "envoyTlsCluster",
+    "envoyPlainCluster",
+    "envoyLivekitCluster",
+    "allowedHomeservers",
+    "allowPrivateAddresses",
+    "insecureSkipVerify",
+    "envoyInsecureTlsCluster",
+];
+
+/// serde_json's message without its "at line L column C" suffix.
+fn reason_of(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    text.split(" at line ")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Takes `key` out of the object and deserializes it (`null` counts as absent).
+fn field<T: serde::de::DeserializeOwned>(
+    map: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<Option<T>, ConfigError> {
+    match map.remove(key) {
+        None => Ok(None),
+        Some(value) => serde_json::from_value::<Option<T>>(value).map_err(|e| {
+            // serde quotes the offending value; never echo a secret.
+            let reason = if key == "livekitSecret" {
+                "must be a non-empty string (value not shown)".to_owned()
+            } else {
+                reason_of(&e)
+            };
+            ConfigError::new(key, reason)
+        }),
+    }
+}
+
 fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
     if json.iter().all(u8::is_ascii_whitespace) {
         return Ok(RawConfig::default());
     }
-    // serde would also accept a JSON array as a struct (fields by position): refuse it.
-    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    let mut map: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(json) {
+        Ok(map) => map,
+        Err(e) if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') => {
+            let _ = e;
+            return Err(ConfigError::new(
+                "(json)",
+                "the plugin configuration must be a JSON object",
+            ));
+        }
+        Err(e) => return Err(ConfigError::new("(json)", reason_of(&e))),
+    };
+    if let Some(unknown) = map.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        let key = if unknown.is_empty() {
+            "(empty key)"
+        } else {
+            unknown
+        };
         return Err(ConfigError::new(
-            "(json)",
-            "the plugin configuration must be a JSON object",
+            key,
+            format!(
+                "unknown field `{unknown}`, expected one of {}",
+                KEYS.join(", ")
+            ),
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        // serde_path_to_error renders the root as "." or "?", and an empty key as "".
-        let key = if path.is_empty() || path == "." || path == "?" {
-            "(json)".to_owned()
-        } else {
-            path
-        };
-        // serde_json's message carries "at line L column C"; keep only the reason.
-        let reason = e.inner().to_string();
-        let mut reason = reason
-            .split(" at line ")
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        // serde quotes the offending value; never echo a secret.
-        if key == "livekitSecret" {
-            reason = "must be a non-empty string (value not shown)".to_owned();
-        }
-        ConfigError::new(key, reason)
-    })?;
-    de.end()
-        .map_err(|_| ConfigError::new("(json)", "trailing characters after the JSON object"))?;
-    Ok(raw)
+    Ok(RawConfig {
+        strip_prefixes: field(&mut map, "stripPrefixes")?,
+        log_level: field(&mut map, "logLevel")?,
+        livekit_url: field(&mut map, "livekitUrl")?,
+        livekit_key: field(&mut map, "livekitKey")?,
+        livekit_key_env: field(&mut map, "livekitKeyEnv")?,
+        livekit_secret: field(&mut map, "livekitSecret")?,
+        livekit_secret_env: field(&mut map, "livekitSecretEnv")?,
+        full_access_homeservers: field(&mut map, "fullAccessHomeservers")?,
+        livekit_api_url: field(&mut map, "livekitApiUrl")?,
+        homeservers: field(&mut map, "homeservers")?,
+        callout_timeout_ms: field(&mut map, "calloutTimeoutMs")?,
+        token_lifetime_secs: field(&mut map, "tokenLifetimeSecs")?,
+        envoy_tls_cluster: field(&mut map, "envoyTlsCluster")?,
+        envoy_plain_cluster: field(&mut map, "envoyPlainCluster")?,
+        envoy_livekit_cluster: field(&mut map, "envoyLivekitCluster")?,
+        allowed_homeservers: field(&mut map, "allowedHomeservers")?,
+        allow_private_addresses: field(&mut map, "allowPrivateAddresses")?,
+        insecure_skip_verify: field(&mut map, "insecureSkipVerify")?,
+        envoy_insecure_tls_cluster: field(&mut map, "envoyInsecureTlsCluster")?,
+    })
 }
 
 fn parse_prefixes(list: &[String]) -> Result<Vec<Prefix>, ConfigError> {
@@ -737,11 +800,9 @@ mod tests {
             "invalid type: string",
         );
         refused(r#"{"stripPrefixes":"/a"}"#, "stripPrefixes", "invalid type");
-        refused(
-            r#"{"stripPrefixes":[1]}"#,
-            "stripPrefixes[0]",
-            "invalid type",
-        );
+        refused(r#"{"stripPrefixes":[1]}"#, "stripPrefixes", "invalid type");
+        // `null` counts as absent.
+        assert!(parse(r#"{"stripPrefixes":["/a"],"logLevel":null}"#).is_ok());
     }
 
     #[test]
