@@ -161,7 +161,25 @@ impl Upstream {
         if uri.query().is_some() || url.contains('#') {
             return Err(format!("`{url}` must not have a query or fragment"));
         }
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        // The port, if written, must be 1-65535: never replaced by a guessed default.
+        let written = authority.as_str();
+        let port_text = if written.ends_with(']') {
+            None // an IPv6 literal without port
+        } else {
+            match written.rsplit_once(':') {
+                Some((host, port)) if !host.contains(':') || host.ends_with(']') => Some(port),
+                Some(_) => return Err(format!("`{url}` has an invalid authority")),
+                None => None,
+            }
+        };
+        let port = match port_text {
+            None if tls => 443,
+            None => 80,
+            Some(digits) => match digits.parse::<u16>() {
+                Ok(p) if p > 0 && digits.bytes().all(|b| b.is_ascii_digit()) => p,
+                _ => return Err(format!("`{url}` has an invalid port")),
+            },
+        };
         let base_path = uri.path().trim_end_matches('/').to_owned();
         Ok(Self {
             tls,
@@ -171,13 +189,13 @@ impl Upstream {
     }
 }
 
-/// `scheme://user:pass@host/…` → `scheme://***@host/…`, for messages.
+/// `scheme://user:pass@host/…` → `scheme://***@host/…`, for messages. Everything up to the
+/// last `@` goes, so a password containing `/` or `?` cannot leak either.
 fn redact_user_info(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest.get(..end).and_then(|authority| authority.rfind('@')) {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}://***{}", rest.get(at..).unwrap_or_default()),
         None => url.to_owned(),
     }
@@ -277,7 +295,10 @@ impl Settings {
             Some(other) => {
                 return Err(ConfigError::new(
                     "logLevel",
-                    format!("`{other}` is not one of error, warn, info, debug, trace"),
+                    format!(
+                        "`{}` is not one of error, warn, info, debug, trace",
+                        other.escape_debug()
+                    ),
                 ))
             }
         };
@@ -554,7 +575,20 @@ fn inline_or_env(
                 "required when livekitUrl is set (or name an environment variable in {env_key})"
             ),
         )),
-        (Some(v), None) if v.is_empty() => Err(ConfigError::new(inline_key, "must not be empty")),
+        (Some(v), None) if v.trim().is_empty() => {
+            Err(ConfigError::new(inline_key, "must not be empty"))
+        }
+        (None, Some(name))
+            if name.is_empty()
+                || name.len() > 128
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            // Not echoed: an operator may have pasted the secret itself here.
+            Err(ConfigError::new(
+                env_key,
+                "must be the name of an environment variable (letters, digits, `_`), not a value",
+            ))
+        }
         (Some(v), None) => Ok(v),
         (None, Some(name)) => match env(&name) {
             Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
@@ -867,6 +901,52 @@ mod tests {
         assert!(err.to_string().contains("https://***@h/x"), "{err}");
         let err = parse(r#"{"livekitUrl":"ftp://u:p4ss@h","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["*"]}"#).unwrap_err();
         assert!(!err.to_string().contains("p4ss"), "{err}");
+    }
+
+    #[test]
+    fn attack_review_config_findings() {
+        // Ports are validated, never replaced by a default.
+        for bad in [
+            "https://h:78x0",
+            "https://h:abc",
+            "https://h:99999",
+            "https://h:",
+            "https://h:0",
+        ] {
+            let err = parse(&format!(r#"{{{TOKEN},"livekitApiUrl":"{bad}"}}"#)).unwrap_err();
+            assert_eq!(err.key, "livekitApiUrl", "{bad}");
+        }
+        // A password with `/` is refused and not echoed.
+        let err = parse(&format!(
+            r#"{{{TOKEN},"livekitApiUrl":"https://user:pw/x@h.example"}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(err.key, "livekitApiUrl");
+        assert!(!err.to_string().contains("pw"), "{err}");
+        // A secret pasted as an environment variable name is not echoed.
+        let err = parse(r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecretEnv":"s3cr3t-v@lue!","fullAccessHomeservers":["*"]}"#).unwrap_err();
+        assert_eq!(err.key, "livekitSecretEnv");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        // Whitespace is no secret.
+        refused(
+            r#"{"livekitUrl":"wss://x","livekitKey":"k","livekitSecret":"  ","fullAccessHomeservers":["*"]}"#,
+            "livekitSecret",
+            "must not be empty",
+        );
+        // No raw newline in a message.
+        let err = parse("{\"stripPrefixes\":[\"/a\"],\"logLevel\":\"x\\ny\"}").unwrap_err();
+        assert!(!err.to_string().contains('\n'), "{err}");
+        // Valid ports and IPv6 still work.
+        assert!(parse(&format!(
+            r#"{{{TOKEN},"livekitApiUrl":"http://[::1]:7880/x"}}"#
+        ))
+        .is_ok());
+        assert!(parse(&format!(
+            r#"{{{TOKEN},"livekitApiUrl":"https://h.example"}}"#
+        ))
+        .is_ok());
+        let t = parse(&format!(r#"{{{TOKEN},"livekitApiUrl":"http://[::1]/x"}}"#)).unwrap();
+        assert_eq!(t.token_service.unwrap().livekit_api.authority, "[::1]:80");
     }
 
     #[test]

@@ -111,16 +111,45 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_internal_v6(ip: Ipv6Addr) -> bool {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return is_internal_v4(v4);
+    // Forms that embed an IPv4 address: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d),
+    // translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002::/16).
+    let seg = ip.segments();
+    let [s0, s1, s2, s3, s4, s5, s6, s7] = seg;
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    let embedded = if let Some(v) = ip.to_ipv4() {
+        (!ip.is_loopback() && !ip.is_unspecified()).then_some(v)
+    } else if [s0, s1, s2, s3, s4, s5] == [0, 0, 0, 0, 0xffff, 0]
+        || [s0, s1, s2, s3, s4, s5] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
+        Some(v4(s6, s7))
+    } else if s0 == 0x2002 {
+        Some(v4(s1, s2))
+    } else {
+        None
+    };
+    if embedded.is_some_and(is_internal_v4) {
+        return true;
     }
-    let first = ip.segments().first().copied().unwrap_or(0);
     ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00
-        || (first & 0xffc0) == 0xfe80
+        || (s0 & 0xfe00) == 0xfc00
+        || (s0 & 0xffc0) == 0xfe80
+        || (s0 & 0xffc0) == 0xfec0
 }
+
+/// DNS suffixes that only resolve inside a network (RFC 6761/6762/8375, cloud metadata,
+/// Kubernetes): never a public homeserver.
+const INTERNAL_SUFFIXES: [&str; 8] = [
+    "localhost",
+    "localdomain",
+    "local",
+    "internal",
+    "lan",
+    "home.arpa",
+    "svc",
+    "cluster.local",
+];
 
 /// `true` for hosts a client must not make the proxy dial unless private addresses are allowed.
 pub fn is_internal(host: &Host) -> bool {
@@ -131,7 +160,13 @@ pub fn is_internal(host: &Host) -> bool {
             let lower = name.trim_end_matches('.').to_ascii_lowercase();
             // Single-label names (`localhost`, `vm`, `metadata`) only resolve through local
             // search domains or /etc/hosts: never a public homeserver.
-            !lower.contains('.') || lower.ends_with(".localhost")
+            !lower.contains('.')
+                || INTERNAL_SUFFIXES.iter().any(|suffix| {
+                    lower == *suffix
+                        || lower
+                            .strip_suffix(suffix)
+                            .is_some_and(|head| head.ends_with('.'))
+                })
         }
     }
 }
@@ -206,9 +241,16 @@ pub fn plan(
         return Ok(Plan::Direct(name.default_upstream()));
     }
     if let Some(entry) = cache.get(server_name).filter(|e| e.expires_at > now) {
-        let authority = entry
-            .authority
-            .unwrap_or_else(|| name.default_upstream().authority);
+        let authority = match entry.authority {
+            // The cache is shared by every filter instance of the VM, which may run under a
+            // more permissive policy: check the cached target against this one.
+            Some(authority) => {
+                let target = ServerName::parse(&authority).map_err(Refusal::Invalid)?;
+                policy.check_host(&target.host)?;
+                authority
+            }
+            None => name.default_upstream().authority,
+        };
         return Ok(Plan::Direct(tls_upstream(authority)));
     }
     Ok(Plan::WellKnown(tls_upstream(format!(
@@ -400,6 +442,9 @@ mod tests {
             assert!(plan(name, &none, &allow, &NoCache, 0).is_ok(), "{name}");
         }
         assert!(plan("8.8.8.8:8448", &none, &open(), &NoCache, 0).is_ok());
+        assert!(plan("[2001:db8::1]:8448", &none, &open(), &NoCache, 0).is_ok());
+        assert!(plan("[64:ff9b::808:808]", &none, &open(), &NoCache, 0).is_ok());
+        assert!(plan("matrix.internals.example", &none, &open(), &NoCache, 0).is_ok());
     }
 
     #[test]
@@ -437,6 +482,27 @@ mod tests {
         assert_eq!(
             plan("example.org", &none, &open(), &cache, 2000),
             Ok(direct("matrix.example.org:443"))
+        );
+        // A cached target is checked against the current policy (the cache is shared).
+        let strict_cache = MapCache::default();
+        strict_cache.put(
+            "example.net",
+            &CachedDelegation {
+                authority: Some("127.0.0.1:8008".into()),
+                expires_at: 9999,
+            },
+        );
+        assert_eq!(
+            plan("example.net", &none, &open(), &strict_cache, 2000),
+            Err(Refusal::Private)
+        );
+        let allow = HomeserverPolicy {
+            allow_private: true,
+            ..open()
+        };
+        assert_eq!(
+            plan("example.net", &none, &allow, &strict_cache, 2000),
+            Ok(direct("127.0.0.1:8008"))
         );
         // Stale → fetch again.
         assert!(matches!(

@@ -227,7 +227,8 @@ impl TokenExchange {
             now,
         ) {
             Err(refusal) => {
-                log::warn!("token request refused: server name {server:?} is {refusal}");
+                let shown: String = server.chars().take(100).collect();
+                log::warn!("token request refused: server name {shown:?} is {refusal}");
                 Self::done(LocalResponse::error(MatrixError::UNAUTHORIZED))
             }
             Ok(Plan::Direct(upstream)) => {

@@ -155,6 +155,8 @@ pub enum UserinfoError {
     Malformed,
     /// `sub` is not a Matrix user ID on the server name the client sent.
     WrongServer,
+    /// `sub`'s localpart has characters no Matrix user ID has, or it is over 255 bytes.
+    InvalidUserId,
 }
 
 impl std::fmt::Display for UserinfoError {
@@ -167,6 +169,7 @@ impl std::fmt::Display for UserinfoError {
             Self::WrongServer => {
                 f.write_str("userinfo `sub` is not a user of the server name the client sent")
             }
+            Self::InvalidUserId => f.write_str("userinfo `sub` is not a valid Matrix user ID"),
         }
     }
 }
@@ -202,6 +205,16 @@ pub fn verify_userinfo(
         .ok_or(UserinfoError::WrongServer)?;
     if local.is_empty() || server != matrix_server_name {
         return Err(UserinfoError::WrongServer);
+    }
+    // Matrix spec appendix "User Identifiers": the (historical) localpart grammar is printable
+    // ASCII without `:`, and a user ID is at most 255 bytes. Anything else (whitespace, control
+    // characters, non-ASCII) is no user ID: refusing it also keeps it out of log lines.
+    if parsed.sub.len() > 255
+        || !local
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b':')
+    {
+        return Err(UserinfoError::InvalidUserId);
     }
     Ok(parsed.sub)
 }

@@ -38,9 +38,10 @@ fn migrates_a_typical_environment() {
             ("LIVEKIT_SECRET", "s3cret-value"),
             (
                 "LIVEKIT_FULL_ACCESS_HOMESERVERS",
-                "example.org, matrix.example.net",
+                "example.org, matrix.example.net other.example",
             ),
             ("LIVEKIT_JWT_PORT", "8080"),
+            ("LIVEKIT_LOG_LEVEL", "WARNING"),
         ],
         &["--prefix", "/livekit-jwt-service"],
     );
@@ -50,8 +51,9 @@ fn migrates_a_typical_environment() {
         serde_json::json!({
             "livekitUrl": "wss://sfu.example.org", "livekitKeyEnv": "LIVEKIT_KEY",
             "livekitSecretEnv": "LIVEKIT_SECRET",
-            "fullAccessHomeservers": ["example.org", "matrix.example.net"],
+            "fullAccessHomeservers": ["example.org", "matrix.example.net", "other.example"],
             "stripPrefixes": ["/livekit-jwt-service"],
+            "logLevel": "warn",
         })
     );
     assert!(out.contains("host_env_keys: [LIVEKIT_KEY, LIVEKIT_SECRET]"));
@@ -153,6 +155,35 @@ fn refuses_invalid_input_with_a_clear_message() {
         assert!(err.contains(message), "{env:?}: `{err}` lacks `{message}`");
         assert!(out.is_empty());
     }
+    let dir = std::env::temp_dir().join(format!("lkmig-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keyfile = dir.join("keys");
+    std::fs::write(&keyfile, "k:s:extra").unwrap();
+    let env = [
+        ("LIVEKIT_URL", "wss://x"),
+        ("LIVEKIT_KEY_FILE", keyfile.to_str().unwrap()),
+        ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "a"),
+    ];
+    let (code, _, err) = run(&env, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not in the `APIkey: secret` format"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let env = [
+        ("LIVEKIT_URL", "wss://x"),
+        ("LIVEKIT_KEY", "k"),
+        ("LIVEKIT_SECRET", "s"),
+        ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "a"),
+        ("LIVEKIT_LOG_LEVEL", "loud"),
+    ];
+    let (code, _, err) = run(&env, &[]);
+    assert_eq!(
+        (code, err.contains("LIVEKIT_LOG_LEVEL must be one of")),
+        (2, true),
+        "{err}"
+    );
     let (code, _, err) = run(&[], &["--bogus"]);
     assert_eq!((code, err.contains("usage")), (2, true));
 }

@@ -17,6 +17,7 @@ use matrixrtc_livekit_auth::config::Settings;
 /// What lk-jwt-service reads from its environment, resolved (files read, formats checked).
 struct Migration {
     livekit_url: String,
+    log_level: Option<&'static str>,
     key: String,
     secret: String,
     full_access: Vec<String>,
@@ -58,9 +59,12 @@ fn read_environment() -> Result<Migration, String> {
         (None, None, Some(path)) => {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("LIVEKIT_KEY_FILE: cannot read {path}: {e}"))?;
-            let (k, s) = text.trim().split_once(':').ok_or(format!(
-                "LIVEKIT_KEY_FILE: {path} is not in the `APIkey: secret` format"
-            ))?;
+            let format_error =
+                format!("LIVEKIT_KEY_FILE: {path} is not in the `APIkey: secret` format");
+            let (k, s) = text.trim().split_once(':').ok_or(format_error.clone())?;
+            if s.contains(':') {
+                return Err(format_error);
+            }
             (k.trim().to_owned(), s.trim().to_owned())
         }
         (_, _, Some(_)) => {
@@ -85,9 +89,10 @@ fn read_environment() -> Result<Migration, String> {
     }
     let full_access: Vec<String> = var("LIVEKIT_FULL_ACCESS_HOMESERVERS")
         .ok_or("LIVEKIT_FULL_ACCESS_HOMESERVERS is required (a comma-separated list, or *)")?
-        .split(',')
-        .map(|s| s.trim().to_owned())
+        // lk-jwt-service splits on commas and whitespace.
+        .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
+        .map(str::to_owned)
         .collect();
     let insecure = match var("LIVEKIT_INSECURE_SKIP_VERIFY_TLS").as_deref() {
         Some("YES_I_KNOW_WHAT_I_AM_DOING") => {
@@ -100,13 +105,22 @@ fn read_environment() -> Result<Migration, String> {
         }
         None => false,
     };
+    let log_level = match var("LIVEKIT_LOG_LEVEL")
+        .map(|l| l.to_ascii_lowercase())
+        .as_deref()
+    {
+        None => None,
+        Some("debug") => Some("debug"),
+        Some("info") => Some("info"),
+        Some("warn" | "warning") => Some("warn"),
+        Some("error") => Some("error"),
+        Some(_) => {
+            return Err("LIVEKIT_LOG_LEVEL must be one of debug, info, warn, warning, error".into())
+        }
+    };
     for (name, what) in [
         ("LIVEKIT_JWT_BIND", "the proxy's listener replaces it"),
         ("LIVEKIT_JWT_PORT", "the proxy's listener replaces it"),
-        (
-            "LIVEKIT_LOG_LEVEL",
-            "set the proxy's log level (Envoy: --component-log-level wasm:LEVEL)",
-        ),
         (
             "LIVEKIT_CAN_UPDATE_OWN_METADATA",
             "the filter always grants canUpdateOwnMetadata (product contract)",
@@ -147,6 +161,7 @@ fn read_environment() -> Result<Migration, String> {
     }
     Ok(Migration {
         livekit_url,
+        log_level,
         key,
         secret,
         full_access,
@@ -172,6 +187,9 @@ fn plugin_configuration(m: &Migration, prefix: Option<&str>) -> serde_json::Valu
     );
     if m.insecure {
         cfg.insert("insecureSkipVerify".into(), serde_json::json!(true));
+    }
+    if let Some(level) = m.log_level {
+        cfg.insert("logLevel".into(), serde_json::json!(level));
     }
     serde_json::Value::Object(cfg)
 }

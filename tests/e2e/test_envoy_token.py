@@ -415,6 +415,7 @@ def test_homeserver_reset_after_headers_then_next_request_works(envoy, homeserve
 @pytest.mark.parametrize("answer", [
     (200, b"<html>not json</html>"), (200, b'{"sub": 42}'), (500, b"{}"), (302, b""),
     (200, json.dumps({"sub": "@alice:example.org", "pad": "x" * 100_000}).encode()),
+    (200, json.dumps({"sub": "@x in room (restricted)\n[critical] FORGED\u2028\u001b[31m:example.org"}).encode()),
 ])
 def test_homeserver_garbage_is_401(envoy, homeserver, sfu, answer):
     token = new_token()
@@ -422,6 +423,7 @@ def test_homeserver_garbage_is_401(envoy, homeserver, sfu, answer):
     r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
     assert sfu.recorded() == []
+    assert "FORGED" not in envoy.log(), "a homeserver cannot write into the filter's log"
 
 
 def test_unreachable_homeserver_is_401(workdir, ca, homeserver, sfu, upstream):
