@@ -272,9 +272,16 @@ impl MatrixError {
 
     /// The JSON body `{"errcode":"…","error":"…"}`.
     pub fn body(&self) -> Vec<u8> {
-        serde_json::json!({ "errcode": self.errcode, "error": self.error })
-            .to_string()
-            .into_bytes()
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            errcode: &'a str,
+            error: &'a str,
+        }
+        serde_json::to_vec(&Body {
+            errcode: self.errcode,
+            error: self.error,
+        })
+        .unwrap_or_default()
     }
 }
 

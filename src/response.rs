@@ -51,8 +51,17 @@ impl LocalResponse {
 
     /// 200 `{"url": livekit_url, "jwt": jwt}` (lk-jwt-service's success answer).
     pub fn token(livekit_url: &str, jwt: &str) -> Self {
-        let body = serde_json::json!({ "url": livekit_url, "jwt": jwt }).to_string();
-        Self::with_cors(200, body.into_bytes())
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            url: &'a str,
+            jwt: &'a str,
+        }
+        let body = serde_json::to_vec(&Body {
+            url: livekit_url,
+            jwt,
+        })
+        .unwrap_or_default();
+        Self::with_cors(200, body)
     }
 
     /// 200 answer to a CORS preflight (`OPTIONS`): the CORS headers, `Content-Type:
@@ -113,7 +122,7 @@ mod tests {
         let r = LocalResponse::token("wss://sfu.example.org/livekit/sfu", "a.b.c");
         assert_eq!(
             String::from_utf8(r.body).unwrap(),
-            r#"{"jwt":"a.b.c","url":"wss://sfu.example.org/livekit/sfu"}"#
+            r#"{"url":"wss://sfu.example.org/livekit/sfu","jwt":"a.b.c"}"#
         );
     }
 
