@@ -54,13 +54,7 @@ def main() -> int:
         print(f"    matrix_server_name={openid['matrix_server_name']} expires_in={openid['expires_in']}")
 
         step("POST http://127.0.0.1:8080/livekit-jwt-service/get_token")
-        body = {
-            "room_id": "!demo:matrix.localhost",
-            "slot_id": "m.call#ROOM",
-            "openid_token": openid,
-            "member": {"id": "demo-member", "claimed_user_id": session["user_id"],
-                       "claimed_device_id": session["device_id"]},
-        }
+        body = Synapse.get_token_body(session, openid, "!demo:matrix.localhost", "demo-member")
         r = request(8080, "POST", "/livekit-jwt-service/get_token", json.dumps(body).encode(),
                     headers={"Content-Type": "application/json"})
         print(f"    HTTP {r.status}")

@@ -513,6 +513,18 @@ def _point_livekit_cluster(cluster: dict, plugin_config: dict, ca: TestCA | None
         }
 
 
+def wait_for_log(proc, *fragments: str, timeout: float = 5.0) -> str:
+    """Waits until the process log contains every fragment (proxies write logs asynchronously);
+    returns the log. Fails with the log's tail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = proc.log()
+        if all(f in log for f in fragments):
+            return log
+        assert time.monotonic() < deadline, f"{fragments} not in log:\n{log[-2000:]}"
+        time.sleep(0.1)
+
+
 class ManagedProcess:
     """A child process a test starts and always stops: `proc`, its output file `_log`
     (opened by `start`), `log_path`; `stop()` terminates (then kills) it; usable as a context

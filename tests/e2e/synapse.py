@@ -116,6 +116,17 @@ class Synapse(ManagedProcess):
             "password": password,
         })
 
+    @staticmethod
+    def get_token_body(session: dict, openid: dict, room_id: str, member_id: str) -> dict:
+        """A `/get_token` body as Element Call sends it for this session and OpenID token."""
+        return {
+            "room_id": room_id,
+            "slot_id": "m.call#ROOM",
+            "openid_token": openid,
+            "member": {"id": member_id, "claimed_user_id": session["user_id"],
+                       "claimed_device_id": session["device_id"]},
+        }
+
     def openid_token(self, session: dict) -> dict:
         """`POST /_matrix/client/v3/user/{userId}/openid/request_token`: the Matrix OpenID token
         `{access_token, token_type, matrix_server_name, expires_in}` a MatrixRTC client sends."""

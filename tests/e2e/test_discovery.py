@@ -233,9 +233,7 @@ def test_real_synapse_over_tls_through_discovery(workdir, ca, sfu, upstream, dns
         }
         with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca,
                    config_override=lambda c: use_test_resolver(c, dns.port)) as e:
-            body = {"room_id": "!c:synapse.example.test", "slot_id": "m.call#ROOM", "openid_token": openid,
-                    "member": {"id": "m-bob", "claimed_user_id": session["user_id"],
-                               "claimed_device_id": session["device_id"]}}
+            body = Synapse.get_token_body(session, openid, "!c:synapse.example.test", "m-bob")
             r = post_json(e.port, GET_TOKEN, body)
             assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}", room=room_alias("!c:synapse.example.test"),
                                 identity=identity("@bob:synapse.example.test", session["device_id"], "m-bob"),

@@ -42,13 +42,7 @@ def test_real_synapse_openid_token_gets_livekit_token(synapse, synapse_envoy, sf
     openid = synapse.openid_token(session)
     SEEN_SECRETS.add(openid["access_token"])
     assert openid["matrix_server_name"] == SERVER
-    body = {
-        "room_id": "!call:matrix.localhost",
-        "slot_id": "m.call#ROOM",
-        "openid_token": openid,
-        "member": {"id": "member-a", "claimed_user_id": session["user_id"],
-                   "claimed_device_id": session["device_id"]},
-    }
+    body = Synapse.get_token_body(session, openid, "!call:matrix.localhost", "member-a")
     r = post_json(synapse_envoy.port, PREFIX + "/get_token", body)
     assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}",
                         room=room_alias("!call:matrix.localhost"),
