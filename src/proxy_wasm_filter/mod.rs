@@ -14,7 +14,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::config::Settings;
+use crate::config::{self, Host, Settings};
 use crate::discovery::{CachedDelegation, DiscoveryCache};
 use crate::exchange::{
     self, Callout, CalloutResult, CalloutTarget, Decision, Step, TokenExchange,
@@ -113,7 +113,9 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Settings::from_json(&bytes, &|name| std::env::var(name).ok()) {
+        let parsed = Settings::from_json(&bytes, &|name| std::env::var(name).ok())
+            .and_then(|s| config::refuse_keys_of_other_host(&bytes, Host::Envoy).map(|()| s));
+        match parsed {
             Ok(settings) => {
                 log::set_max_level(settings.log_level);
                 let prefixes: Vec<&str> =

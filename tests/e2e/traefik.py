@@ -17,7 +17,8 @@ import yaml
 
 from harness import ROOT, ManagedProcess, free_port, request
 
-TRAEFIK_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "matrixrtc-traefik.wasm"
+# Built by scripts/setup.sh: cargo's output with bulk-memory instructions lowered by wasm-opt.
+TRAEFIK_WASM = ROOT / "target" / "traefik" / "matrixrtc-traefik.wasm"
 MODULE = "matrixrtc"
 
 
@@ -28,9 +29,10 @@ def traefik_binary() -> str:
 class Traefik(ManagedProcess):
     def __init__(self, workdir: Path, options: dict | None, *, upstream_port: int,
                  env: dict[str, str] | None = None, native_strip: list[str] | None = None,
-                 log_level: str = "DEBUG"):
+                 log_level: str = "DEBUG", mounts: list[str] | None = None):
         """`options`: the plugin's middleware options (None: no plugin middleware);
-        `native_strip`: use Traefik's own stripPrefix middleware with these prefixes instead."""
+        `native_strip`: use Traefik's own stripPrefix middleware with these prefixes instead;
+        `mounts`: the plugin's `settings.mounts` (`host-dir:guest-dir`)."""
         self.dir = Path(tempfile.mkdtemp(prefix="traefik-", dir=workdir))
         plugin_dir = self.dir / "plugins-local" / "src" / MODULE
         plugin_dir.mkdir(parents=True)
@@ -48,7 +50,7 @@ class Traefik(ManagedProcess):
             "providers": {"file": {"filename": str(self.dir / "dynamic.yml")}},
             "experimental": {"localPlugins": {MODULE: {
                 "moduleName": MODULE,
-                "settings": {"envs": ["LIVEKIT_KEY", "LIVEKIT_SECRET"]},
+                "settings": {"envs": ["LIVEKIT_KEY", "LIVEKIT_SECRET"], "mounts": mounts or []},
             }}},
         }
         middlewares = {}

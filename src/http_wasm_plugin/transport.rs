@@ -1,0 +1,488 @@
+//! The Traefik plugin's callout transport: one HTTP/1.1 request per connection over the WasmEdge
+//! socket extension that Traefik's wasm host provides, with TLS (rustls) for `https`.
+//!
+//! Envoy makes the callouts of the proxy-wasm build; in Traefik the guest makes them itself,
+//! blocking its instance while it waits (Traefik keeps a pool of instances). Facts this relies
+//! on (measured on Traefik 3.7.15, README "Traefik"): `nslookup` and IPv4 `connect` work from
+//! `handle_request`; socket timeouts cannot be set, so sockets are non-blocking and every wait
+//! is a `poll` with the callout's deadline; TLS is not provided by the host.
+//!
+//! Every callout gets a fresh connection (`Connection: close`): the callouts of one token
+//! request go to different servers, and no connection is left open in an idle instance.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::wasi::io::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, StreamOwned};
+use wasmedge_wasi_socket::poll::{self as wpoll, Subscription};
+use wasmedge_wasi_socket::socket::{AddressFamily, Socket, SocketType};
+use wasmedge_wasi_socket::TcpStream;
+
+use crate::config::{ConfigError, TokenService};
+use crate::exchange::{Callout, CalloutTarget};
+
+/// Largest answer head (status line and headers) read, in bytes.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers parsed in an answer.
+const MAX_HEADERS: usize = 64;
+/// WASI errno values the socket extension returns as raw OS errors.
+const WASI_EAGAIN: i32 = 6;
+const WASI_EINPROGRESS: i32 = 26;
+
+/// The answer to a callout: status, body (at most the size asked for) and `Cache-Control`.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// The body, truncated to the limit passed to [`Transport::fetch`].
+    pub body: Vec<u8>,
+    /// The `Cache-Control` header, if any.
+    pub cache_control: Option<String>,
+}
+
+/// TLS settings for every callout of one plugin instance.
+pub struct Transport {
+    verified: Arc<ClientConfig>,
+    /// Only with `insecureSkipVerify` (test only): used for homeserver callouts.
+    unverified: Option<Arc<ClientConfig>>,
+}
+
+impl Transport {
+    /// Builds the TLS client settings from the token service configuration: Mozilla's roots
+    /// (crate `webpki-roots`) plus the certificates of `caFile`, read with `read_file`.
+    ///
+    /// Errors (naming `caFile`) when the file cannot be read or holds no PEM certificate.
+    pub fn new(
+        service: &TokenService,
+        read_file: &dyn Fn(&str) -> io::Result<Vec<u8>>,
+    ) -> Result<Self, ConfigError> {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &service.ca_file {
+            let pem = read_file(path).map_err(|e| {
+                ConfigError::new(
+                    "caFile",
+                    format!("cannot read {path}: {e} (is its directory in the plugin's settings.mounts?)"),
+                )
+            })?;
+            let mut added = 0usize;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| {
+                    ConfigError::new("caFile", format!("{path} is not a PEM bundle: {e}"))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    ConfigError::new(
+                        "caFile",
+                        format!("a certificate in {path} is unusable: {e}"),
+                    )
+                })?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(ConfigError::new(
+                    "caFile",
+                    format!("{path} holds no PEM certificate"),
+                ));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verified = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::new("caFile", format!("TLS setup failed: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let unverified = if service.insecure_skip_verify {
+            let config = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| {
+                    ConfigError::new("insecureSkipVerify", format!("TLS setup failed: {e}"))
+                })?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+                .with_no_client_auth();
+            Some(Arc::new(config))
+        } else {
+            None
+        };
+        Ok(Self {
+            verified: Arc::new(verified),
+            unverified,
+        })
+    }
+
+    /// Makes the callout and reads its answer, the body truncated to `max_body` bytes, all
+    /// within the callout's timeout.
+    ///
+    /// Errors with a short reason for the log (never a token): name resolution, connection,
+    /// TLS (including certificate verification), timeout, or a malformed answer.
+    pub fn fetch(&self, callout: &Callout, max_body: usize) -> Result<Answer, String> {
+        let deadline = Instant::now() + Duration::from_millis(callout.timeout_ms);
+        let (host, port) = split_authority(&callout.upstream.authority)?;
+        let address = resolve(host, port)?;
+        let socket = connect(address, deadline)?;
+        let request = encode_request(callout);
+        if callout.upstream.tls {
+            let config = match (&self.unverified, callout.target) {
+                (Some(insecure), CalloutTarget::Homeserver | CalloutTarget::WellKnown) => insecure,
+                _ => &self.verified,
+            };
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|e| format!("invalid TLS server name {host}: {e}"))?;
+            let connection = ClientConnection::new(config.clone(), name)
+                .map_err(|e| format!("TLS setup failed: {e}"))?;
+            let mut stream = StreamOwned::new(connection, socket);
+            exchange_http(&mut stream, &request, max_body)
+        } else {
+            let mut stream = socket;
+            exchange_http(&mut stream, &request, max_body)
+        }
+    }
+}
+
+/// `host:port` (IPv6 in brackets) into its parts.
+fn split_authority(authority: &str) -> Result<(&str, u16), String> {
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("no port in {authority}"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("bad port in {authority}"))?;
+    Ok((host, port))
+}
+
+/// The first IPv4 address of `host` (an IPv4 literal or a DNS name resolved by the host).
+/// IPv6 is refused: the socket extension's client connects over IPv4 only.
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    if host.starts_with('[') {
+        return Err(format!(
+            "{host}: IPv6 addresses cannot be reached from the Traefik plugin (IPv4 only)"
+        ));
+    }
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(SocketAddr::new(IpAddr::V4(ip), port));
+    }
+    let found = wasmedge_wasi_socket::nslookup_with_host(host, &port.to_string())
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    found
+        .into_iter()
+        .find(SocketAddr::is_ipv4)
+        .map(|a| SocketAddr::new(a.ip(), port))
+        .ok_or_else(|| format!("{host} has no IPv4 address"))
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+        || matches!(e.raw_os_error(), Some(WASI_EAGAIN | WASI_EINPROGRESS))
+}
+
+/// Waits until `fd` is readable (or writable), or the deadline passes.
+fn wait(fd: &impl AsRawFd, read: bool, deadline: Instant) -> io::Result<()> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "callout timeout"));
+    }
+    let until = SystemTime::now() + remaining;
+    let events = wpoll::poll(&[Subscription::io(0, fd, read, !read, Some(until))])?;
+    for event in events {
+        match event.event_type {
+            wpoll::EventType::Timeout => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "callout timeout"))
+            }
+            wpoll::EventType::Error(e) => return Err(e),
+            wpoll::EventType::Read | wpoll::EventType::Write => {}
+        }
+    }
+    Ok(())
+}
+
+/// A non-blocking TCP connection whose reads and writes wait (with `poll`) up to a deadline,
+/// so the code above it can be written as if it were blocking.
+struct TimedStream {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl AsRawFd for TimedStream {
+    fn as_raw_fd(&self) -> std::os::wasi::io::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl Read for TimedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Err(e) if would_block(&e) => wait(&self.stream, true, self.deadline)?,
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for TimedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.write(buf) {
+                Err(e) if would_block(&e) => wait(&self.stream, false, self.deadline)?,
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn connect(address: SocketAddr, deadline: Instant) -> Result<TimedStream, String> {
+    let failed = |e: io::Error| format!("connecting to {address} failed: {e}");
+    let socket = Socket::new(AddressFamily::Inet4, SocketType::Stream).map_err(failed)?;
+    socket.set_nonblocking(true).map_err(failed)?;
+    match socket.connect(&address) {
+        Ok(()) => {}
+        Err(e) if would_block(&e) => wait(&socket, false, deadline).map_err(failed)?,
+        Err(e) => return Err(failed(e)),
+    }
+    Ok(TimedStream {
+        stream: TcpStream::from(socket),
+        deadline,
+    })
+}
+
+/// The request bytes: request line, `Host`, our headers, `Content-Length`, body.
+fn encode_request(c: &Callout) -> Vec<u8> {
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nhost: {}\r\nuser-agent: {}\r\nconnection: close\r\n",
+        c.method,
+        c.path,
+        c.upstream.authority,
+        crate::USER_AGENT
+    );
+    for (name, value) in &c.headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    if !c.body.is_empty() || c.method == "POST" {
+        head.push_str(&format!("content-length: {}\r\n", c.body.len()));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&c.body);
+    bytes
+}
+
+/// Writes the request and reads the answer: head parsed with `httparse`, body by
+/// `Content-Length`, chunked coding, or until the server closes; at most `max_body` bytes.
+fn exchange_http(
+    stream: &mut impl ReadWrite,
+    request: &[u8],
+    max_body: usize,
+) -> Result<Answer, String> {
+    stream
+        .write_all(request)
+        .map_err(|e| format!("sending the request failed: {e}"))?;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let (status, cache_control, framing, head_len) = loop {
+        let n = read_some(stream, &mut chunk)?;
+        if n == 0 {
+            return Err("the connection closed before an answer".to_owned());
+        }
+        buffer.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = response.code.ok_or("answer without status")?;
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .map(|v| v.trim().to_owned())
+                };
+                let framing = if header("transfer-encoding")
+                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+                {
+                    Framing::Chunked
+                } else if let Some(length) = header("content-length") {
+                    Framing::Length(
+                        length
+                            .parse::<usize>()
+                            .map_err(|_| "answer with an invalid Content-Length".to_owned())?,
+                    )
+                } else {
+                    Framing::UntilClose
+                };
+                break (status, header("cache-control"), framing, len);
+            }
+            Ok(httparse::Status::Partial) if buffer.len() <= MAX_HEAD_BYTES => continue,
+            Ok(httparse::Status::Partial) => return Err("answer head too large".to_owned()),
+            Err(e) => return Err(format!("malformed answer: {e}")),
+        }
+    };
+    let mut rest = buffer.split_off(head_len.min(buffer.len()));
+    let body = match framing {
+        Framing::Length(length) => {
+            let want = length.min(max_body);
+            while rest.len() < want {
+                let n = read_some(stream, &mut chunk)?;
+                if n == 0 {
+                    return Err("the connection closed inside the answer body".to_owned());
+                }
+                rest.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+            rest.truncate(want);
+            rest
+        }
+        Framing::UntilClose => {
+            while rest.len() < max_body {
+                let n = read_some(stream, &mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                rest.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+            rest.truncate(max_body);
+            rest
+        }
+        Framing::Chunked => read_chunked(stream, rest, max_body)?,
+    };
+    Ok(Answer {
+        status,
+        body,
+        cache_control,
+    })
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// Decodes a chunked body (sizes parsed with `httparse::parse_chunk_size`), stopping once
+/// `max_body` bytes are collected.
+fn read_chunked(
+    stream: &mut impl ReadWrite,
+    mut raw: Vec<u8>,
+    max_body: usize,
+) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut position = 0usize;
+    loop {
+        let pending = raw.get(position..).unwrap_or_default();
+        match httparse::parse_chunk_size(pending) {
+            Ok(httparse::Status::Complete((header_len, size))) => {
+                if size == 0 {
+                    return Ok(body);
+                }
+                let size = usize::try_from(size).map_err(|_| "chunk too large".to_owned())?;
+                let start = position + header_len;
+                let end = start.saturating_add(size);
+                // The chunk's data and its CRLF.
+                while raw.len() < end.saturating_add(2)
+                    && body.len() + raw.len().saturating_sub(start) < max_body
+                {
+                    let n = read_some(stream, &mut chunk)?;
+                    if n == 0 {
+                        return Err("the connection closed inside a chunk".to_owned());
+                    }
+                    raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                }
+                let data = raw.get(start..end.min(raw.len())).unwrap_or_default();
+                body.extend_from_slice(data);
+                if body.len() >= max_body {
+                    body.truncate(max_body);
+                    return Ok(body);
+                }
+                position = end + 2;
+            }
+            Ok(httparse::Status::Partial) => {
+                if pending.len() > 1024 {
+                    return Err("malformed chunk size".to_owned());
+                }
+                let n = read_some(stream, &mut chunk)?;
+                if n == 0 {
+                    return Err("the connection closed inside a chunked body".to_owned());
+                }
+                raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+            Err(_) => return Err("malformed chunk size".to_owned()),
+        }
+    }
+}
+
+/// Reads once; a TLS peer that closes without `close_notify` counts as the end.
+fn read_some(stream: &mut impl ReadWrite, buf: &mut [u8]) -> Result<usize, String> {
+    match stream.read(buf) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err("timeout".to_owned()),
+        Err(e) => Err(format!("reading the answer failed: {e}")),
+    }
+}
+
+/// A byte stream both ways: the plain connection or TLS over it.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// `insecureSkipVerify` (test only): accepts any certificate, still checks the handshake
+/// signatures with the provider's algorithms.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
