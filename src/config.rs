@@ -364,6 +364,18 @@ fn reason_of(e: &serde_json::Error) -> String {
         .to_owned()
 }
 
+/// `"true"`/`"false"` as a JSON boolean, a string of decimal digits as a JSON number.
+fn scalar_from_text(text: &str) -> Option<serde_json::Value> {
+    match text {
+        "true" => Some(true.into()),
+        "false" => Some(false.into()),
+        _ if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
+            text.parse::<u64>().ok().map(serde_json::Value::from)
+        }
+        _ => None,
+    }
+}
+
 /// Takes `key` out of the object and deserializes it (`null` counts as absent).
 fn field<T: serde::de::DeserializeOwned>(
     map: &mut serde_json::Map<String, serde_json::Value>,
@@ -371,18 +383,20 @@ fn field<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>, ConfigError> {
     match map.remove(key) {
         None => Ok(None),
-        // Traefik's providers (file, Docker labels, Kubernetes CRDs) hand every scalar option
-        // to the plugin as a string: "1500" for 1500, "true" for true. Where the key expects a
-        // number or a boolean, a string holding exactly its JSON is taken as that value.
-        Some(serde_json::Value::String(text))
-            if serde_json::from_value::<Option<T>>(serde_json::Value::String(text.clone()))
-                .is_err()
-                && serde_json::from_str::<Option<T>>(&text).is_ok_and(|v| v.is_some())
-                && text.trim() == text =>
-        {
-            Ok(serde_json::from_str::<Option<T>>(&text).ok().flatten())
+        Some(value) => {
+            // Traefik's providers (file, Docker labels, Kubernetes CRDs) hand every scalar
+            // option to the plugin as a string: "1500" for 1500, "true" for true. Where the
+            // key expects a number or a boolean, a string that is exactly one is taken as it.
+            let coerced = match &value {
+                serde_json::Value::String(text) => scalar_from_text(text),
+                _ => None,
+            };
+            serde_json::from_value::<Option<T>>(value).or_else(|e| match coerced {
+                Some(v) => serde_json::from_value::<Option<T>>(v).map_err(|_| e),
+                None => Err(e),
+            })
         }
-        Some(value) => serde_json::from_value::<Option<T>>(value).map_err(|e| {
+        .map_err(|e| {
             // serde quotes the offending value; never echo a secret.
             let reason = if key == "livekitSecret" {
                 "must be a non-empty string (value not shown)".to_owned()

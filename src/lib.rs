@@ -11,7 +11,9 @@
 //! - [`response`]: local replies with lk-jwt-service's CORS headers;
 //! - [`exchange`]: routing and the token exchange state machine (section 4);
 //! - [`metrics`]: metric names and labels;
-//! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio.
+//! - [`logging`]: log lines prefixed with the request id;
+//! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio;
+//! - `http_wasm_plugin` (wasm32, feature `traefik`): the http-wasm adapter loaded by Traefik.
 //!
 //! The core never panics on input: clippy denies `unwrap`, `expect`, `panic!` and slice
 //! indexing outside tests (see `Cargo.toml`), because a panic in a host callback kills the
@@ -22,6 +24,7 @@ pub mod discovery;
 pub mod exchange;
 pub mod hs256;
 pub mod livekit;
+pub mod logging;
 pub mod matrix;
 pub mod metrics;
 pub mod path;

@@ -20,6 +20,7 @@ use http_wasm_guest::Guest;
 use crate::config::{self, Host, Settings};
 use crate::discovery::{CachedDelegation, DiscoveryCache};
 use crate::exchange::{self, CalloutResult, Decision, Step, TokenExchange, MAX_REQUEST_BODY_BYTES};
+use crate::logging::{self, loggable_request_id, set_request_id};
 use crate::matrix::MatrixError;
 use crate::requests::TokenEndpoint;
 use crate::response::LocalResponse;
@@ -28,12 +29,33 @@ use transport::Transport;
 /// Most `.well-known` results one plugin instance keeps; when full, the cache starts over.
 const CACHE_ENTRIES: usize = 1024;
 
+/// http-wasm log levels (`log` host function).
+const LEVEL_DEBUG: i32 = -1;
+const LEVEL_INFO: i32 = 0;
+const LEVEL_WARN: i32 = 1;
+const LEVEL_ERROR: i32 = 2;
+
+/// Logs through the host ([`crate::logging::line`]: prefixed with the request id).
+static LOGGER: logging::HostLog = logging::HostLog(|level, text| {
+    let level = match level {
+        log::Level::Error => LEVEL_ERROR,
+        log::Level::Warn => LEVEL_WARN,
+        log::Level::Info => LEVEL_INFO,
+        log::Level::Debug | log::Level::Trace => LEVEL_DEBUG,
+    };
+    http_wasm_guest::host::log::write(level, text.as_bytes());
+});
+
 /// Reads and validates the plugin configuration (the middleware's options) and, with the token
 /// service on, the TLS trust (`caFile`), then registers the handler. An invalid configuration
 /// is logged with the key and the module exits with a failure, so Traefik refuses the
 /// middleware instead of running it on defaults.
 pub fn register() {
-    let _ = http_wasm_guest::HostLogger::init_with_level(log::Level::Info);
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+    std::panic::set_hook(Box::new(|info| {
+        http_wasm_guest::host::log::write(LEVEL_ERROR, format!("panic: {info}").as_bytes());
+    }));
     let config = admin::config();
     let parsed = Settings::from_json(&config, &|name| std::env::var(name).ok())
         .and_then(|s| config::refuse_keys_of_other_host(&config, Host::Traefik).map(|()| s))
@@ -174,7 +196,15 @@ impl Guest for Plugin {
             }
             Decision::Respond(r) => respond(response, &r),
             Decision::ReadBody(endpoint) => {
-                respond(response, &self.token_request(endpoint, request))
+                let id = request
+                    .header
+                    .get(b"x-request-id")
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                set_request_id(loggable_request_id(id));
+                log::debug!("token request to {endpoint:?}: reading the body");
+                let answer = self.token_request(endpoint, request);
+                set_request_id(None);
+                respond(response, &answer)
             }
         }
     }

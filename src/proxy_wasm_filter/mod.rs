@@ -20,6 +20,8 @@ use crate::exchange::{
     self, Callout, CalloutResult, CalloutTarget, Decision, Step, TokenExchange,
     MAX_REQUEST_BODY_BYTES,
 };
+use crate::logging;
+use crate::logging::{loggable_request_id, set_request_id};
 use crate::matrix::MatrixError;
 use crate::metrics;
 use crate::requests::TokenEndpoint;
@@ -34,59 +36,18 @@ mod entry {
     }}
 }
 
-/// Logs through the host, prefixing every line with the `x-request-id` of the request being
-/// handled (so one failure is one line that can be joined with Envoy's access log), and logs a
-/// panic at `critical` before the VM aborts.
-struct RequestLogger;
-
-thread_local! {
-    /// The `x-request-id` of the request whose callback is running (VMs are single-threaded).
-    static REQUEST_ID: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-fn set_request_id(id: Option<String>) {
-    REQUEST_ID.with(|r| *r.borrow_mut() = id);
-}
-
-/// The request id as it may appear in a log line: at most 64 visible ASCII characters (a
-/// client may send its own `x-request-id`; it must not forge or flood log lines).
-fn loggable_request_id(raw: Option<String>) -> Option<String> {
-    raw.map(|id| {
-        id.chars()
-            .filter(|c| c.is_ascii_graphic())
-            .take(64)
-            .collect::<String>()
-    })
-    .filter(|id| !id.is_empty())
-}
-
-impl log::Log for RequestLogger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        let level = match record.level() {
-            log::Level::Error => LogLevel::Error,
-            log::Level::Warn => LogLevel::Warn,
-            log::Level::Info => LogLevel::Info,
-            log::Level::Debug => LogLevel::Debug,
-            log::Level::Trace => LogLevel::Trace,
-        };
-        let message = REQUEST_ID.with(|r| match r.borrow().as_deref() {
-            Some(id) => format!("request {id}: {}", record.args()),
-            None => record.args().to_string(),
-        });
-        let _ = hostcalls::log(level, &message);
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: RequestLogger = RequestLogger;
+/// Logs through the host ([`crate::logging::line`]: prefixed with the request id); the panic
+/// hook installed with it logs a panic at `critical` before the VM aborts.
+static LOGGER: logging::HostLog = logging::HostLog(|level, text| {
+    let level = match level {
+        log::Level::Error => LogLevel::Error,
+        log::Level::Warn => LogLevel::Warn,
+        log::Level::Info => LogLevel::Info,
+        log::Level::Debug => LogLevel::Debug,
+        log::Level::Trace => LogLevel::Trace,
+    };
+    let _ = hostcalls::log(level, text);
+});
 
 fn install_logger() {
     let _ = log::set_logger(&LOGGER);

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from harness import (ALL_ENVOYS, LIVEKIT_KEY, WASM, EchoUpstream, Envoy, FakeHomeserver,
-                     FakeSfu, TestCA)
+from harness import (ALL_ENVOYS, LIVEKIT_KEY, LIVEKIT_SECRET, WASM, EchoUpstream, Envoy,
+                     FakeHomeserver, FakeSfu, TestCA)
+from traefik import ALL_TRAEFIKS, TRAEFIK_WASM, Traefik
 
 
 def pytest_configure(config):
-    if not WASM.exists():
-        raise pytest.UsageError(f"{WASM} is missing: build it first (scripts/test.sh does)")
+    for artifact in (WASM, TRAEFIK_WASM):
+        if not artifact.exists():
+            raise pytest.UsageError(f"{artifact} is missing: build it first (scripts/test.sh does)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -23,6 +25,9 @@ def pytest_runtest_makereport(item, call):
         for envoy in ALL_ENVOYS:
             if envoy.proc is not None:
                 report.sections.append((f"envoy log {envoy.config_path}", envoy.log()[-20000:]))
+        for traefik in ALL_TRAEFIKS:
+            if traefik.proc is not None and traefik.proc.poll() is None:
+                report.sections.append((f"traefik log {traefik.dir}", traefik.log()[-20000:]))
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +99,49 @@ def envoy(workdir, ca, homeserver, sfu, upstream):
     """A running Envoy with the filter and the standard plugin configuration."""
     with Envoy(workdir, standard_config(homeserver, sfu), upstream_port=upstream.port, ca=ca) as e:
         yield e
+
+
+# ---------------------------------------------------------------- both proxies, one scenario list
+
+PROXIES = ["envoy", "traefik"]
+
+
+def start_proxy(kind: str, workdir, plugin_config: dict, upstream_port: int, ca: TestCA, *,
+                trust: str = "ca"):
+    """The proxy `kind` ("envoy" or "traefik") with the plugin and `plugin_config`, not yet
+    started (use as a context manager). `trust`: which certificates callouts accept: "ca" (the
+    system roots and the test CA: Envoy's callout clusters trust it, Traefik gets `caFile`
+    through `settings.mounts`), "system" (system roots only), "insecure" (Envoy: the insecure
+    cluster exists; both: only with `insecureSkipVerify` in the plugin configuration)."""
+    if kind == "envoy":
+        return Envoy(workdir, plugin_config, upstream_port=upstream_port, ca=ca,
+                     tls_mode={"ca": "ca", "system": "system", "insecure": "insecure"}[trust])
+    config = dict(plugin_config)
+    mounts = []
+    if trust == "ca":
+        config["caFile"] = str(ca.ca_pem)
+        mounts.append(str(ca.ca_pem.parent))
+    return Traefik(workdir, config, upstream_port=upstream_port, mounts=mounts,
+                   env={"LIVEKIT_SECRET": LIVEKIT_SECRET, "LIVEKIT_KEY": LIVEKIT_KEY},
+                   serialize="livekitUrl" in config)
+
+
+@pytest.fixture(scope="module", params=PROXIES)
+def proxy_kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def proxy(proxy_kind, workdir, ca, homeserver, sfu, upstream):
+    """A running Envoy or Traefik (each test runs on both) with the standard plugin
+    configuration."""
+    with start_proxy(proxy_kind, workdir, standard_config(homeserver, sfu), upstream.port, ca) as p:
+        yield p
+
+
+@pytest.fixture
+def make_proxy(proxy_kind, workdir, ca, upstream):
+    """`make_proxy(plugin_config, trust="ca")`: a proxy of this test's kind, to use in `with`."""
+    def make(plugin_config: dict, trust: str = "ca"):
+        return start_proxy(proxy_kind, workdir, plugin_config, upstream.port, ca, trust=trust)
+    return make

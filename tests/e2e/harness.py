@@ -146,6 +146,9 @@ class Recorded:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: 50 clients connecting at once (the Traefik
+    # plugin opens one connection per callout) would see dropped SYNs and 1 s retransmits.
+    request_queue_size = 256
 
 
 class _Server6(_Server):

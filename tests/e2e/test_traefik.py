@@ -1,5 +1,6 @@
 """The Traefik plugin (http-wasm) on real Traefik 3.7.15: the strip-prefix cases, a side-by-side
-with Traefik's native stripPrefix middleware, and refusal of invalid configurations."""
+with Traefik's native stripPrefix middleware, refusal of invalid configurations and the shipped
+examples. The token service scenarios run on Traefik in test_token.py (one list, both proxies)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from harness import request
 from traefik import TRAEFIK_WASM, Traefik
 
 ROWS = strip_rows()
+
+TOKEN_OPTIONS = {"stripPrefixes": [PREFIX], "livekitUrl": "wss://sfu.example.org", "livekitKey": "k",
+                 "livekitSecret": "s", "fullAccessHomeservers": ["*"]}
 
 pytestmark = pytest.mark.skipif(not TRAEFIK_WASM.exists(), reason="Traefik plugin not built")
 
@@ -57,9 +61,12 @@ def test_side_by_side_with_native_strip_prefix(workdir, upstream, configured):
 @pytest.mark.parametrize("options,message", [
     ({"stripPrefixes": ["/"]}, "stripPrefixes[0]: `/` alone is not a prefix"),
     ({"stripPrefixes": ["/p"], "typo": 1}, "typo: unknown field `typo`"),
-    ({"stripPrefixes": [PREFIX], "livekitUrl": "wss://sfu.example.org", "livekitKey": "k",
-      "livekitSecret": "s", "fullAccessHomeservers": ["*"]},
-     "livekitUrl: the inline token service is not available in the Traefik plugin yet"),
+    ({**TOKEN_OPTIONS, "envoyTlsCluster": "x"},
+     "envoyTlsCluster: only used by the Envoy filter"),
+    ({**TOKEN_OPTIONS, "caFile": "/nonexistent/ca.pem"},
+     "caFile: cannot read /nonexistent/ca.pem"),
+    ({**TOKEN_OPTIONS, "caFile": "ca.pem"}, "caFile: must be an absolute path"),
+    ({**TOKEN_OPTIONS, "calloutTimeoutMs": "soon"}, "calloutTimeoutMs: invalid type: string"),
 ])
 def test_traefik_refuses_invalid_configuration(workdir, upstream, options, message):
     """The plugin refuses to load and logs the key; requests on its router never reach the
@@ -91,3 +98,33 @@ def test_shipped_traefik_examples_load(workdir, upstream):
             [got] = upstream.recorded()
             assert got.path == "/healthz?x=1"
             assert got.header("x-forwarded-prefix") == [PREFIX]
+
+
+def test_shipped_token_service_example_serves_tokens(workdir, ca, homeserver, sfu, upstream):
+    """traefik/dynamic-token-service.yml: inFlightReq (amount 1, per Host) before the plugin,
+    and its plugin options, with only the addresses pointed at the fakes, issue a LiveKit access
+    token in real Traefik."""
+    import yaml
+
+    from checks import (assert_client_token, get_token_body, identity, new_token, post_json,
+                        room_alias)
+    from harness import LIVEKIT_KEY, LIVEKIT_SECRET, ROOT
+
+    dynamic = yaml.safe_load((ROOT / "traefik" / "dynamic-token-service.yml").read_text())["http"]
+    [router] = dynamic["routers"].values()
+    assert router["middlewares"][0] == "matrixrtc-one-at-a-time"
+    assert dynamic["middlewares"]["matrixrtc-one-at-a-time"] == {
+        "inFlightReq": {"amount": 1, "sourceCriterion": {"requestHost": True}}}
+    options = dict(dynamic["middlewares"][router["middlewares"][1]]["plugin"]["matrixrtc"])
+    options.update(livekitUrl=f"ws://127.0.0.1:{sfu.port}", caFile=str(ca.ca_pem),
+                   homeservers={"example.org": f"https://localhost:{homeserver.port}"})
+    token = new_token()
+    homeserver.tokens[token] = "@alice:example.org"
+    with Traefik(workdir, options, upstream_port=upstream.port, serialize=True,
+                 mounts=[str(ca.ca_pem.parent)],
+                 env={"LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": LIVEKIT_SECRET}) as t:
+        r = post_json(t.port, PREFIX + "/get_token", get_token_body(token))
+        assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}",
+                            room=room_alias("!room:example.org"),
+                            identity=identity("@alice:example.org", "DEVICE", "member-1"),
+                            full_access=True)

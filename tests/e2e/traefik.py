@@ -29,10 +29,14 @@ def traefik_binary() -> str:
 class Traefik(ManagedProcess):
     def __init__(self, workdir: Path, options: dict | None, *, upstream_port: int,
                  env: dict[str, str] | None = None, native_strip: list[str] | None = None,
-                 log_level: str = "DEBUG", mounts: list[str] | None = None):
+                 log_level: str = "DEBUG", mounts: list[str] | None = None,
+                 serialize: bool = False):
         """`options`: the plugin's middleware options (None: no plugin middleware);
         `native_strip`: use Traefik's own stripPrefix middleware with these prefixes instead;
-        `mounts`: the plugin's `settings.mounts` (`host-dir:guest-dir`)."""
+        `mounts`: the plugin's `settings.mounts` (host directories the plugin may read);
+        `serialize`: put Traefik's `inFlightReq` (amount 1, one group per Host) before the
+        plugin, as README "Traefik" requires for the token service (the host shares one
+        non-thread-safe WASI system between the plugin's instances)."""
         self.dir = Path(tempfile.mkdtemp(prefix="traefik-", dir=workdir))
         plugin_dir = self.dir / "plugins-local" / "src" / MODULE
         plugin_dir.mkdir(parents=True)
@@ -54,13 +58,18 @@ class Traefik(ManagedProcess):
             }}},
         }
         middlewares = {}
+        chain = ["matrixrtc"]
         if options is not None:
             middlewares["matrixrtc"] = {"plugin": {MODULE: options}}
+        if serialize:
+            middlewares["one-at-a-time"] = {"inFlightReq": {
+                "amount": 1, "sourceCriterion": {"requestHost": True}}}
+            chain = ["one-at-a-time", "matrixrtc"]
         if native_strip is not None:
             middlewares["matrixrtc"] = {"stripPrefix": {"prefixes": native_strip}}
         dynamic = {"http": {
             "routers": {"all": {"rule": "PathPrefix(`/`)", "entryPoints": ["web"], "service": "upstream",
-                                **({"middlewares": ["matrixrtc"]} if middlewares else {})}},
+                                **({"middlewares": chain} if middlewares else {})}},
             "services": {"upstream": {"loadBalancer": {"servers": [{"url": f"http://127.0.0.1:{upstream_port}"}]}}},
             **({"middlewares": middlewares} if middlewares else {}),
         }}
@@ -69,6 +78,7 @@ class Traefik(ManagedProcess):
         self.env = {"PATH": "/usr/bin:/bin", **(env or {})}
         self.log_path = self.dir / "traefik.log"
         self.proc: subprocess.Popen | None = None
+        ALL_TRAEFIKS.append(self)
 
     def start(self, timeout: float = 60.0) -> "Traefik":
         self._log = open(self.log_path, "wb")
@@ -90,3 +100,6 @@ class Traefik(ManagedProcess):
             time.sleep(0.2)
         raise TimeoutError("Traefik did not become ready:\n" + self.log()[-4000:])
 
+
+
+ALL_TRAEFIKS: list[Traefik] = []

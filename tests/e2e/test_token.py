@@ -1,6 +1,8 @@
-"""The inline token service on real Envoy: every case of shared/cases/token-endpoints.md that
-applies to Envoy, against a fake homeserver (TLS, test CA) and a fake SFU that record what they
-received. Case numbers refer to that file."""
+"""The inline token service on real Envoy and real Traefik: every case of
+shared/cases/token-endpoints.md, one scenario list run against both proxies (fixtures `proxy` and
+`make_proxy`, parametrized by `proxy_kind`), with a fake homeserver (TLS, test CA) and a fake SFU
+that record what they received. Case numbers refer to that file. Scenarios that exist only for
+one host (Envoy clusters, Envoy metrics) say so and run on that host only."""
 
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ def livekit_url(sfu) -> str:
 # ---------------------------------------------------------------- case 1: prefix and healthz
 
 
-def test_sfu_get_under_prefix_is_answered_locally(envoy, homeserver, sfu, upstream):
+def test_sfu_get_under_prefix_is_answered_locally(proxy, homeserver, sfu, upstream):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, SFU_GET, sfu_get_body(token))
+    r = post_json(proxy.port, SFU_GET, sfu_get_body(token))
     assert_client_token(r, livekit_url=livekit_url(sfu), room=room_alias("!room:example.org"),
                         identity="@alice:example.org:DEVICE", full_access=True)
     assert upstream.recorded() == [], "token requests never reach the upstream"
@@ -40,8 +42,8 @@ def test_sfu_get_under_prefix_is_answered_locally(envoy, homeserver, sfu, upstre
 
 
 @pytest.mark.parametrize("method,status", [("GET", 200), ("HEAD", 200), ("DELETE", 405), ("POST", 405)])
-def test_healthz(envoy, upstream, method, status):
-    r = request(envoy.port, method, PREFIX + "/healthz")
+def test_healthz(proxy, upstream, method, status):
+    r = request(proxy.port, method, PREFIX + "/healthz")
     assert r.status == status
     if status == 200:
         assert r.body == b""
@@ -50,11 +52,11 @@ def test_healthz(envoy, upstream, method, status):
     assert upstream.recorded() == []
 
 
-def test_double_slash_token_path(envoy, homeserver, sfu, upstream):
+def test_double_slash_token_path(proxy, homeserver, sfu, upstream):
     """The nginx double-slash bug: //get_token is answered as /get_token, no 301."""
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, PREFIX + "//get_token", get_token_body(token))
+    r = post_json(proxy.port, PREFIX + "//get_token", get_token_body(token))
     assert r.status == 200, r.body
     assert upstream.recorded() == []
 
@@ -62,41 +64,41 @@ def test_double_slash_token_path(envoy, homeserver, sfu, upstream):
 # ---------------------------------------------------------------- cases 2-4: verification
 
 
-def test_homeserver_vouches_for_another_server(envoy, homeserver, sfu):
+def test_homeserver_vouches_for_another_server(proxy, homeserver, sfu):
     """Case 2."""
     token = new_token()
     homeserver.tokens[token] = "@mallory:other.example"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, user="@mallory:other.example"))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, user="@mallory:other.example"))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED", UNAUTHORIZED)
     assert len(homeserver.userinfo_calls(token)) == 1
     assert sfu.recorded() == [], "no room is created"
 
 
-def test_claimed_user_differs(envoy, homeserver, sfu):
+def test_claimed_user_differs(proxy, homeserver, sfu):
     """Case 3."""
     token = new_token()
     homeserver.tokens[token] = "@bob:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, user="@alice:example.org"))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, user="@alice:example.org"))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED", UNAUTHORIZED)
     assert sfu.recorded() == []
 
 
-def test_unknown_token(envoy, homeserver, sfu):
+def test_unknown_token(proxy, homeserver, sfu):
     """Case 4: homeserver 401 M_UNKNOWN_TOKEN → 401 M_UNAUTHORIZED, one userinfo call with
     exactly that token."""
     token = new_token() + " +/&=?é"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED", UNAUTHORIZED)
     calls = homeserver.userinfo_calls(token)
     assert len(calls) == 1
     assert sfu.recorded() == []
 
 
-def test_callout_request_shape(envoy, homeserver, sfu):
+def test_callout_request_shape(proxy, homeserver, sfu):
     """Case 14: GET, exact path with the URL-encoded token, Host host:port, no body."""
     token = new_token() + "/+ x"
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert r.status == 200
     [call] = homeserver.userinfo_calls(token)
     assert call.method == "GET"
@@ -106,9 +108,9 @@ def test_callout_request_shape(envoy, homeserver, sfu):
     assert call.header("content-length") in ([], ["0"])
 
 
-def test_invalid_server_name_refused_before_callout(envoy, homeserver):
+def test_invalid_server_name_refused_before_callout(proxy, homeserver):
     token = new_token()
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, server="evil.example/x?y", user="@a:b"))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, server="evil.example/x?y", user="@a:b"))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
     assert homeserver.userinfo_calls(token) == []
 
@@ -116,40 +118,41 @@ def test_invalid_server_name_refused_before_callout(envoy, homeserver):
 # ---------------------------------------------------------------- case 5: TLS
 
 
-def test_untrusted_certificate_is_401_and_insecure_switch_is_200(workdir, ca, homeserver, sfu, upstream):
-    """Case 5: the fake homeserver's certificate is from a CA the shipped config does not
-    trust (system roots) → 401; with the documented test-only switch (insecureSkipVerify and
-    an insecure cluster) → 200, and a loud warning in the log."""
+def test_untrusted_certificate_is_401_and_insecure_switch_is_200(proxy_kind, make_proxy, homeserver, sfu):
+    """Case 5: the fake homeserver's certificate is from a CA the proxy does not trust (system
+    roots only) → 401; with the documented test-only switch (insecureSkipVerify; in Envoy also
+    the insecure cluster) → 200, and a loud warning in the log."""
     cfg = standard_config(homeserver, sfu)
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca, tls_mode="system") as e:
+    with make_proxy(cfg, trust="system") as e:
         r = post_json(e.port, GET_TOKEN, get_token_body(token))
         assert_matrix_error(r, 401, "M_UNAUTHORIZED")
         assert homeserver.userinfo_calls(token) == [], "the TLS handshake failed before any request"
         assert sfu.recorded() == []
         assert "NOT verified" not in e.log()
-    # The insecure cluster alone changes nothing: the switch is the plugin configuration.
-    with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca, tls_mode="insecure") as e:
-        r = post_json(e.port, GET_TOKEN, get_token_body(token))
-        assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+    if proxy_kind == "envoy":
+        # The insecure cluster alone changes nothing: the switch is the plugin configuration.
+        with make_proxy(cfg, trust="insecure") as e:
+            r = post_json(e.port, GET_TOKEN, get_token_body(token))
+            assert_matrix_error(r, 401, "M_UNAUTHORIZED")
     insecure = standard_config(homeserver, sfu, insecureSkipVerify=True)
-    with Envoy(workdir, insecure, upstream_port=upstream.port, ca=ca, tls_mode="insecure") as e:
+    with make_proxy(insecure, trust="insecure") as e:
         r = post_json(e.port, GET_TOKEN, get_token_body(token))
         assert r.status == 200, r.body
         assert len(homeserver.userinfo_calls(token)) == 1
-        assert "insecureSkipVerify is set: homeserver TLS certificates are NOT verified" in e.log()
+        wait_for_log(e, "insecureSkipVerify is set: homeserver TLS certificates are NOT verified")
 
 
 # ---------------------------------------------------------------- case 6: bodies
 
 
-def test_real_client_body_accepted_unknown_field_refused(envoy, homeserver, sfu):
+def test_real_client_body_accepted_unknown_field_refused(proxy, homeserver, sfu):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert r.status == 200
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, foo=1))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, foo=1))
     assert_matrix_error(r, 400, "M_NOT_JSON", "Error reading request")
     assert len(homeserver.userinfo_calls(token)) == 1, "no callout for a refused body"
 
@@ -161,41 +164,41 @@ def test_real_client_body_accepted_unknown_field_refused(envoy, homeserver, sfu)
     (b'{"room_id":"\xff"}', "M_NOT_JSON"),
     (json.dumps({"room_id": "!r:x", "slot_id": "m.call#ROOM"}).encode(), "M_BAD_JSON"),
 ])
-def test_bad_bodies(envoy, homeserver, body, errcode):
-    r = post_json(envoy.port, GET_TOKEN, body)
+def test_bad_bodies(proxy, homeserver, body, errcode):
+    r = post_json(proxy.port, GET_TOKEN, body)
     assert_matrix_error(r, 400, errcode)
     assert homeserver.userinfo_calls() == []
 
 
 @pytest.mark.parametrize("extra", [{"delay_id": "d1"}, {"delay_timeout": 10000}])
-def test_lone_delay_parameter_is_bad_json_before_callout(envoy, homeserver, extra):
+def test_lone_delay_parameter_is_bad_json_before_callout(proxy, homeserver, extra):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, **extra))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, **extra))
     assert_matrix_error(r, 400, "M_BAD_JSON")
     assert homeserver.userinfo_calls(token) == []
 
 
-def test_both_delay_parameters_refused_after_openid_check(envoy, homeserver, sfu):
+def test_both_delay_parameters_refused_after_openid_check(proxy, homeserver, sfu):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, delay_id="d1", delay_timeout=10000))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, delay_id="d1", delay_timeout=10000))
     assert_matrix_error(r, 400, "M_BAD_JSON")
     assert len(homeserver.userinfo_calls(token)) == 1
     assert sfu.recorded() == []
 
 
-def test_delegate_delayed_leave_not_served_yet(envoy):
-    r = post_json(envoy.port, PREFIX + "/delegate_delayed_leave", {})
+def test_delegate_delayed_leave_not_served_yet(proxy):
+    r = post_json(proxy.port, PREFIX + "/delegate_delayed_leave", {})
     assert_matrix_error(r, 404, "M_UNRECOGNIZED")
 
 
 # ---------------------------------------------------------------- case 7: CORS
 
 
-def test_cors_preflight(envoy, upstream):
+def test_cors_preflight(proxy, upstream):
     for path in (SFU_GET, GET_TOKEN):
-        r = request(envoy.port, "OPTIONS", path, headers={
+        r = request(proxy.port, "OPTIONS", path, headers={
             "Origin": "https://call.example.org",
             "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "content-type",
@@ -206,18 +209,18 @@ def test_cors_preflight(envoy, upstream):
     assert upstream.recorded() == []
 
 
-def test_method_not_allowed_keeps_cors(envoy):
+def test_method_not_allowed_keeps_cors(proxy):
     for method in ("GET", "PUT", "DELETE"):
-        r = request(envoy.port, method, GET_TOKEN)
+        r = request(proxy.port, method, GET_TOKEN)
         assert_matrix_error(r, 405, "M_UNRECOGNIZED")
 
 
 # ---------------------------------------------------------------- cases 8-10: SFU
 
 
-def test_sfu_url_verbatim_and_api_path_kept(workdir, ca, homeserver, sfu, upstream):
+def test_sfu_url_verbatim_and_api_path_kept(make_proxy, ca, homeserver, sfu):
     """Case 8: livekitUrl with a path is returned verbatim; CreateRoom goes below that path
-    (tls variant: wss → https on the TLS callout cluster, the SFU serving the test CA's cert)."""
+    (tls variant: wss → https, the SFU serving the test CA's certificate)."""
     from harness import FakeSfu
 
     tls_sfu = FakeSfu(tls=ca)
@@ -226,7 +229,7 @@ def test_sfu_url_verbatim_and_api_path_kept(workdir, ca, homeserver, sfu, upstre
         cfg = standard_config(homeserver, sfu, livekitUrl=url)
         token = new_token()
         homeserver.tokens[token] = "@alice:example.org"
-        with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca) as e:
+        with make_proxy(cfg) as e:
             r = post_json(e.port, GET_TOKEN, get_token_body(token))
             assert_client_token(r, livekit_url=url, room=room_alias("!room:example.org"),
                                 identity=identity("@alice:example.org", "DEVICE", "member-1"), full_access=True)
@@ -237,12 +240,12 @@ def test_sfu_url_verbatim_and_api_path_kept(workdir, ca, homeserver, sfu, upstre
         tls_sfu.stop()
 
 
-def test_livekit_api_url_override(workdir, ca, homeserver, sfu, upstream):
+def test_livekit_api_url_override(make_proxy, homeserver, sfu):
     cfg = standard_config(homeserver, sfu, livekitUrl="wss://sfu.invalid/livekit/sfu",
                           livekitApiUrl=f"http://127.0.0.1:{sfu.port}/api")
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca) as e:
+    with make_proxy(cfg) as e:
         r = post_json(e.port, GET_TOKEN, get_token_body(token))
         assert r.status == 200, r.body
         assert r.json()["url"] == "wss://sfu.invalid/livekit/sfu"
@@ -250,7 +253,7 @@ def test_livekit_api_url_override(workdir, ca, homeserver, sfu, upstream):
     assert call.path == "/api" + CREATE_ROOM
 
 
-def test_create_room_request(envoy, homeserver, sfu):
+def test_create_room_request(proxy, homeserver, sfu):
     """CreateRoom: POST, protobuf body with LiveKit's own decoder, a short-lived server token
     with roomCreate only."""
     import jwt as pyjwt
@@ -258,7 +261,7 @@ def test_create_room_request(envoy, homeserver, sfu):
 
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, room_id="!create:example.org"))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, room_id="!create:example.org"))
     assert r.status == 200
     [(call, req)] = sfu.create_room_calls()
     assert call.method == "POST"
@@ -275,33 +278,33 @@ def test_create_room_request(envoy, homeserver, sfu):
 
 
 @pytest.mark.parametrize("status", [502, 404])
-def test_room_creation_fails(envoy, homeserver, sfu, status):
+def test_room_creation_fails(proxy, homeserver, sfu, status):
     """Case 9: 500 M_UNKNOWN, no JWT, and a log line with the upstream status."""
     sfu.status = status
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 500, "M_UNKNOWN", "Unable to create room on SFU")
     assert len(sfu.create_room_calls()) == 1
-    wait_for_log(envoy, "CreateRoom for room", f"status {status}")
+    wait_for_log(proxy, "CreateRoom for room", f"status {status}")
 
 
-def test_room_already_exists(envoy, homeserver, sfu):
+def test_room_already_exists(proxy, homeserver, sfu):
     """Case 10: CreateRoom is idempotent; a second request for the same room gets a JWT too."""
     for user in ("@alice:example.org", "@bob:example.org"):
         token = new_token()
         homeserver.tokens[token] = user
-        r = post_json(envoy.port, GET_TOKEN, get_token_body(token, user=user, room_id="!same:example.org"))
+        r = post_json(proxy.port, GET_TOKEN, get_token_body(token, user=user, room_id="!same:example.org"))
         assert r.status == 200
     names = [req.name for _, req in sfu.create_room_calls()]
     assert names == [room_alias("!same:example.org")] * 2
 
 
-def test_sfu_hangs_gives_500_after_timeout(envoy, homeserver, sfu):
+def test_sfu_hangs_gives_500_after_timeout(proxy, homeserver, sfu):
     sfu.status = "hang"
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 500, "M_UNKNOWN")
     assert 1.2 < r.elapsed < 6, r.elapsed
 
@@ -312,19 +315,19 @@ def test_sfu_hangs_gives_500_after_timeout(envoy, homeserver, sfu):
 @pytest.mark.parametrize("server,full", [
     ("example.org", True), ("Example.org", False), ("example.org:8448", False), ("other.example", False),
 ])
-def test_full_access_is_exact_match(envoy, homeserver, sfu, server, full):
+def test_full_access_is_exact_match(proxy, homeserver, sfu, server, full):
     """Cases 11 and 12."""
     token = new_token()
     user = f"@alice:{server}"
     homeserver.tokens[token] = user
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token, server=server, user=user))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, server=server, user=user))
     assert_client_token(r, livekit_url=livekit_url(sfu), room=room_alias("!room:example.org"),
                         identity=identity(user, "DEVICE", "member-1"), full_access=full)
 
 
-def test_star_among_others_is_not_everyone(workdir, ca, homeserver, sfu, upstream):
+def test_star_among_others_is_not_everyone(make_proxy, homeserver, sfu):
     cfg = standard_config(homeserver, sfu, fullAccessHomeservers=["*", "example.org"])
-    with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca) as e:
+    with make_proxy(cfg) as e:
         for server, full in (("example.org", True), ("other.example", False)):
             token = new_token()
             user = f"@dave:{server}"
@@ -335,14 +338,14 @@ def test_star_among_others_is_not_everyone(workdir, ca, homeserver, sfu, upstrea
                                 identity=identity(user, "DEVICE", "member-1"), full_access=full)
 
 
-def test_legacy_and_new_endpoints_meet(envoy, homeserver, sfu):
+def test_legacy_and_new_endpoints_meet(proxy, homeserver, sfu):
     """Case 13."""
     rooms = []
     for path, body in ((SFU_GET, sfu_get_body), (GET_TOKEN, get_token_body)):
         token = new_token()
         homeserver.tokens[token] = "@alice:example.org"
         kwargs = {"room": "!r:example.org"} if path == SFU_GET else {"room_id": "!r:example.org"}
-        r = post_json(envoy.port, path, body(token, **kwargs))
+        r = post_json(proxy.port, path, body(token, **kwargs))
         assert r.status == 200
         import jwt as pyjwt
         rooms.append(pyjwt.decode(r.json()["jwt"], options={"verify_signature": False})["video"]["room"])
@@ -353,8 +356,9 @@ def test_legacy_and_new_endpoints_meet(envoy, homeserver, sfu):
 
 
 def test_undispatchable_callout_is_401_at_once(workdir, ca, homeserver, sfu, upstream):
-    """Case 14: an unknown cluster makes dispatch_http_call fail synchronously (no callback
-    will come) → 401 at once, nothing forwarded upstream, and the VM keeps working."""
+    """Case 14 (Envoy only: clusters): an unknown cluster makes dispatch_http_call fail
+    synchronously (no callback will come) → 401 at once, nothing forwarded upstream, and the VM
+    keeps working."""
     cfg = standard_config(homeserver, sfu, envoyTlsCluster="no_such_cluster")
     with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca) as e:
         for _ in range(3):
@@ -373,14 +377,14 @@ def test_undispatchable_callout_is_401_at_once(workdir, ca, homeserver, sfu, ups
 # ---------------------------------------------------------------- case 15: chunked body
 
 
-def test_chunked_body_parsed_once(envoy, homeserver, sfu, upstream):
+def test_chunked_body_parsed_once(proxy, homeserver, sfu, upstream):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
     raw = json.dumps(get_token_body(token)).encode()
     raw = raw[:-1] + b" " * (2000 - len(raw)) + b"}"
     assert len(raw) == 2000
     chunks = [raw[:700], raw[700:1400], raw[1400:]]
-    r = request(envoy.port, "POST", GET_TOKEN, chunks=chunks)
+    r = request(proxy.port, "POST", GET_TOKEN, chunks=chunks)
     assert r.status == 200, r.body
     assert len(homeserver.userinfo_calls(token)) == 1
     assert len(sfu.create_room_calls()) == 1
@@ -390,22 +394,22 @@ def test_chunked_body_parsed_once(envoy, homeserver, sfu, upstream):
 # ---------------------------------------------------------------- case 16: callout failures
 
 
-def test_homeserver_timeout_is_401_after_timeout(envoy, homeserver):
+def test_homeserver_timeout_is_401_after_timeout(proxy, homeserver):
     token = new_token()
     homeserver.tokens[token] = "hang"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
     assert 1.3 < r.elapsed < 6, f"answered after {r.elapsed:.2f}s; calloutTimeoutMs is 1500"
 
 
-def test_homeserver_reset_after_headers_then_next_request_works(envoy, homeserver, sfu):
+def test_homeserver_reset_after_headers_then_next_request_works(proxy, homeserver, sfu):
     token = new_token()
     homeserver.tokens[token] = "reset"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
     ok = new_token()
     homeserver.tokens[ok] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(ok))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(ok))
     assert r.status == 200, "the VM is alive after the failure"
 
 
@@ -414,36 +418,36 @@ def test_homeserver_reset_after_headers_then_next_request_works(envoy, homeserve
     (200, json.dumps({"sub": "@alice:example.org", "pad": "x" * 100_000}).encode()),
     (200, json.dumps({"sub": "@x in room (restricted)\n[critical] FORGED\u2028\u001b[31m:example.org"}).encode()),
 ])
-def test_homeserver_garbage_is_401(envoy, homeserver, sfu, answer):
+def test_homeserver_garbage_is_401(proxy, homeserver, sfu, answer):
     token = new_token()
     homeserver.tokens[token] = answer
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
     assert sfu.recorded() == []
-    assert "FORGED" not in envoy.log(), "a homeserver cannot write into the filter's log"
+    assert "FORGED" not in proxy.log(), "a homeserver cannot write into the filter's log"
 
 
-def test_unreachable_homeserver_is_401(workdir, ca, homeserver, sfu, upstream):
+def test_unreachable_homeserver_is_401(make_proxy, homeserver, sfu):
     from harness import free_port
 
     dead = free_port()
     cfg = standard_config(homeserver, sfu, homeservers={"example.org": f"https://127.0.0.1:{dead}"})
-    with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca) as e:
+    with make_proxy(cfg) as e:
         r = post_json(e.port, GET_TOKEN, get_token_body(new_token()))
         assert_matrix_error(r, 401, "M_UNAUTHORIZED")
-        assert "not accepted" in e.log()
+        wait_for_log(e, "not accepted")
 
 
 # ---------------------------------------------------------------- case 18: large body
 
 
-def test_large_garbage_body_is_400(envoy, homeserver):
-    r = post_json(envoy.port, GET_TOKEN, b"\x00garbage" * 640)
+def test_large_garbage_body_is_400(proxy, homeserver):
+    r = post_json(proxy.port, GET_TOKEN, b"\x00garbage" * 640)
     assert_matrix_error(r, 400, "M_NOT_JSON")
 
 
-def test_oversized_body_is_413(envoy, homeserver):
-    r = post_json(envoy.port, GET_TOKEN, b"{" + b" " * 70_000 + b"}")
+def test_oversized_body_is_413(proxy, homeserver):
+    r = post_json(proxy.port, GET_TOKEN, b"{" + b" " * 70_000 + b"}")
     assert_matrix_error(r, 413, "M_TOO_LARGE")
     assert homeserver.userinfo_calls() == []
 
@@ -451,7 +455,11 @@ def test_oversized_body_is_413(envoy, homeserver):
 # ---------------------------------------------------------------- case 19: concurrency
 
 
-def test_fifty_concurrent_requests_do_not_mix(envoy, homeserver, sfu):
+def test_fifty_concurrent_requests_do_not_mix(proxy_kind, proxy, homeserver, sfu):
+    """Case 19. Envoy: all 50 get their own JWT. Traefik, deployed as README "Traefik" requires
+    (inFlightReq amount 1 before the plugin, because the host shares one non-thread-safe WASI
+    system between the plugin's instances): every request gets either its own JWT or Traefik's
+    429, never another request's answer."""
     jobs = []
     for i in range(50):
         token = new_token()
@@ -461,30 +469,38 @@ def test_fifty_concurrent_requests_do_not_mix(envoy, homeserver, sfu):
 
     def run(job):
         token, user, room, dev, member = job
-        return post_json(envoy.port, GET_TOKEN, get_token_body(
+        return post_json(proxy.port, GET_TOKEN, get_token_body(
             token, user=user, room_id=room, device=dev, member_id=member))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
         results = list(pool.map(run, jobs))
+    issued = 0
     for (token, user, room, dev, member), r in zip(jobs, results):
+        if proxy_kind == "traefik" and r.status == 429:
+            assert homeserver.userinfo_calls(token) == [], "a refused request made no callout"
+            continue
         assert_client_token(r, livekit_url=livekit_url(sfu), room=room_alias(room),
                             identity=identity(user, dev, member), full_access=True)
-    assert len(sfu.create_room_calls()) == 50
+        issued += 1
+    assert issued == (50 if proxy_kind == "envoy" else len(sfu.create_room_calls()))
+    assert issued >= 1
+    assert sorted(req.name for _, req in sfu.create_room_calls()) == sorted(
+        room_alias(room) for (_, _, room, _, _), r in zip(jobs, results) if r.status == 200)
 
 
 # ---------------------------------------------------------------- secrets stay out of logs
 
 
-def test_no_token_or_secret_in_logs(envoy, homeserver):
+def test_no_token_or_secret_in_logs(proxy, homeserver):
     from harness import LIVEKIT_SECRET
 
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(envoy.port, GET_TOKEN, get_token_body(token))
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
     jwt = r.json()["jwt"]
     bad = new_token()
-    post_json(envoy.port, GET_TOKEN, get_token_body(bad))
-    log = envoy.log()
+    post_json(proxy.port, GET_TOKEN, get_token_body(bad))
+    log = proxy.log()
     for secret in (token, bad, jwt, LIVEKIT_SECRET):
         assert secret not in log
 
@@ -492,41 +508,41 @@ def test_no_token_or_secret_in_logs(envoy, homeserver):
 # ---------------------------------------------------------------- logs
 
 
-def test_failure_is_one_log_line_with_request_id_and_reason(envoy, homeserver, sfu):
+def test_failure_is_one_log_line_with_request_id_and_reason(proxy, homeserver, sfu):
     """One line per failure: Envoy's x-request-id, the reason class, the server name; never the
     token."""
     token = new_token()
-    r = request(envoy.port, "POST", GET_TOKEN, json.dumps(get_token_body(token)).encode(),
+    r = request(proxy.port, "POST", GET_TOKEN, json.dumps(get_token_body(token)).encode(),
                 headers={"Content-Type": "application/json", "x-request-id": "req-4711"})
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
-    wait_for_log(envoy, "request req-4711: OpenID token for server name example.org not accepted: "
+    wait_for_log(proxy, "request req-4711: OpenID token for server name example.org not accepted: "
                         "homeserver answered status 401")
-    lines = [line for line in envoy.log().splitlines() if "req-4711" in line]
+    lines = [line for line in proxy.log().splitlines() if "req-4711" in line]
     assert len(lines) == 1, lines
-    assert token not in envoy.log()
+    assert token not in proxy.log()
 
 
-def test_log_level_from_configuration(workdir, ca, homeserver, sfu, upstream):
+def test_log_level_from_configuration(make_proxy, homeserver, sfu):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
-    with Envoy(workdir, standard_config(homeserver, sfu), upstream_port=upstream.port, ca=ca) as e:
+    with make_proxy(standard_config(homeserver, sfu)) as e:
         assert post_json(e.port, GET_TOKEN, get_token_body(token)).status == 200
         assert "reading the body" not in e.log(), "debug lines are off by default"
-    with Envoy(workdir, standard_config(homeserver, sfu, logLevel="debug"), upstream_port=upstream.port, ca=ca) as e:
+    with make_proxy(standard_config(homeserver, sfu, logLevel="debug")) as e:
         assert post_json(e.port, GET_TOKEN, get_token_body(token)).status == 200
-        assert "reading the body" in e.log()
-    with Envoy(workdir, standard_config(homeserver, sfu, logLevel="error"), upstream_port=upstream.port, ca=ca) as e:
+        wait_for_log(e, "reading the body")
+    with make_proxy(standard_config(homeserver, sfu, logLevel="error")) as e:
         assert post_json(e.port, GET_TOKEN, get_token_body(new_token())).status == 401
         time.sleep(0.5)
         assert "not accepted" not in e.log(), "warnings are off at logLevel error"
 
 
-def test_request_id_in_logs_is_bounded(envoy, homeserver):
+def test_request_id_in_logs_is_bounded(proxy, homeserver):
     """A client-sent x-request-id cannot flood or forge log lines: visible ASCII only, 64 chars."""
     token = new_token()
     rid = "A" * 100 + " forged: OpenID token accepted"
-    r = request(envoy.port, "POST", GET_TOKEN, json.dumps(get_token_body(token)).encode(),
+    r = request(proxy.port, "POST", GET_TOKEN, json.dumps(get_token_body(token)).encode(),
                 headers={"Content-Type": "application/json", "x-request-id": rid})
     assert_matrix_error(r, 401, "M_UNAUTHORIZED")
-    wait_for_log(envoy, "request " + "A" * 64 + ": OpenID token for server name example.org not accepted")
-    assert "forged" not in envoy.log()
+    wait_for_log(proxy, "request " + "A" * 64 + ": OpenID token for server name example.org not accepted")
+    assert "forged" not in proxy.log()
