@@ -55,6 +55,7 @@ struct RawConfig {
     insecure_skip_verify: Option<bool>,
     envoy_insecure_tls_cluster: Option<String>,
     ca_file: Option<String>,
+    dns_server: Option<String>,
 }
 
 /// Why a plugin configuration was refused: the key at fault and the reason.
@@ -264,6 +265,10 @@ pub struct TokenService {
     /// in addition to the bundled Mozilla roots. The Envoy build refuses it: there, the
     /// clusters' `validation_context` decides.
     pub ca_file: Option<String>,
+    /// `dnsServer` (Traefik build only): a DNS server (`IPv4:port`, queried over TCP) that
+    /// resolves the names callouts go to, instead of Traefik's resolver. The Envoy build
+    /// refuses it: there, the dynamic forward proxy clusters' `dns_resolvers` decide.
+    pub dns_server: Option<std::net::SocketAddrV4>,
 }
 
 /// The validated plugin configuration shared by every request.
@@ -332,7 +337,7 @@ impl Settings {
 }
 
 /// The keys of the plugin configuration, as written by operators.
-const KEYS: [&str; 20] = [
+const KEYS: [&str; 21] = [
     "stripPrefixes",
     "logLevel",
     "livekitUrl",
@@ -353,6 +358,7 @@ const KEYS: [&str; 20] = [
     "insecureSkipVerify",
     "envoyInsecureTlsCluster",
     "caFile",
+    "dnsServer",
 ];
 
 /// serde_json's message without its "at line L column C" suffix.
@@ -458,6 +464,7 @@ fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
         insecure_skip_verify: field(&mut map, "insecureSkipVerify")?,
         envoy_insecure_tls_cluster: field(&mut map, "envoyInsecureTlsCluster")?,
         ca_file: field(&mut map, "caFile")?,
+        dns_server: field(&mut map, "dnsServer")?,
     })
 }
 
@@ -492,15 +499,20 @@ pub fn refuse_keys_of_other_host(json: &[u8], host: Host) -> Result<(), ConfigEr
     let keys: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(json).unwrap_or_default();
     let foreign = keys.keys().find(|k| match host {
-        Host::Envoy => k.as_str() == "caFile",
+        Host::Envoy => matches!(k.as_str(), "caFile" | "dnsServer"),
         Host::Traefik => k.starts_with("envoy"),
     });
     match (foreign, host) {
         (None, _) => Ok(()),
-        (Some(key), Host::Envoy) => Err(ConfigError::new(
+        (Some(key), Host::Envoy) if key == "caFile" => Err(ConfigError::new(
             key.as_str(),
             "only used by the Traefik plugin; in Envoy, put the CA into the callout cluster's \
              validation_context (trusted_ca)",
+        )),
+        (Some(key), Host::Envoy) => Err(ConfigError::new(
+            key.as_str(),
+            "only used by the Traefik plugin; in Envoy, set dns_resolvers on the dynamic \
+             forward proxy clusters",
         )),
         (Some(key), Host::Traefik) => Err(ConfigError::new(
             key.as_str(),
@@ -612,6 +624,18 @@ fn parse_token_service(
             ));
         }
     }
+    let dns_server = match &raw.dns_server {
+        None => None,
+        Some(text) => Some(text.parse::<std::net::SocketAddrV4>().map_err(|_| {
+            ConfigError::new(
+                "dnsServer",
+                format!(
+                    "`{}` is not an IPv4 address with a port",
+                    text.escape_debug()
+                ),
+            )
+        })?),
+    };
     if insecure_skip_verify {
         log::warn!(
             "insecureSkipVerify is set: homeserver TLS certificates are NOT verified, so anyone \
@@ -634,6 +658,7 @@ fn parse_token_service(
         insecure_skip_verify,
         envoy_insecure_tls_cluster,
         ca_file: raw.ca_file,
+        dns_server,
     })
 }
 
@@ -763,6 +788,26 @@ mod tests {
         let e = super::refuse_keys_of_other_host(traefik_only, super::Host::Envoy).unwrap_err();
         assert_eq!(e.key, "caFile");
         assert!(e.reason.contains("trusted_ca"), "{}", e.reason);
+        let dns = br#"{"stripPrefixes":["/p"],"dnsServer":"127.0.0.1:53"}"#;
+        let e = super::refuse_keys_of_other_host(dns, super::Host::Envoy).unwrap_err();
+        assert_eq!(e.key, "dnsServer");
+        assert!(e.reason.contains("dns_resolvers"), "{}", e.reason);
+    }
+
+    #[test]
+    fn dns_server_is_an_ipv4_socket_address() {
+        let s = parse(&format!(r#"{{{TOKEN},"dnsServer":"127.0.0.1:5353"}}"#)).unwrap();
+        assert_eq!(
+            s.token_service.unwrap().dns_server,
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        for bad in ["127.0.0.1", "dns.example:53", "[::1]:53", ""] {
+            refused(
+                &format!(r#"{{{TOKEN},"dnsServer":"{bad}"}}"#),
+                "dnsServer",
+                "is not an IPv4 address with a port",
+            );
+        }
     }
 
     use super::*;

@@ -48,6 +48,8 @@ pub struct Answer {
 
 /// TLS settings for every callout of one plugin instance.
 pub struct Transport {
+    /// `dnsServer`: resolve names there (DNS over TCP) instead of with the host's resolver.
+    dns_server: Option<std::net::SocketAddrV4>,
     verified: Arc<ClientConfig>,
     /// Only with `insecureSkipVerify` (test only): used for homeserver callouts.
     unverified: Option<Arc<ClientConfig>>,
@@ -111,6 +113,7 @@ impl Transport {
             None
         };
         Ok(Self {
+            dns_server: service.dns_server,
             verified: Arc::new(verified),
             unverified,
         })
@@ -124,7 +127,7 @@ impl Transport {
     pub fn fetch(&self, callout: &Callout, max_body: usize) -> Result<Answer, String> {
         let deadline = Instant::now() + Duration::from_millis(callout.timeout_ms);
         let (host, port) = split_authority(&callout.upstream.authority)?;
-        let address = resolve(host, port)?;
+        let address = resolve(host, port, self.dns_server)?;
         let socket = connect(address, deadline)?;
         let request = encode_request(callout);
         if callout.upstream.tls {
@@ -156,9 +159,14 @@ fn split_authority(authority: &str) -> Result<(&str, u16), String> {
     Ok((host, port))
 }
 
-/// The first IPv4 address of `host` (an IPv4 literal or a DNS name resolved by the host).
-/// IPv6 is refused: the socket extension's client connects over IPv4 only.
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+/// The first IPv4 address of `host`: an IPv4 literal, or a DNS name resolved by the host (its
+/// `getaddrinfo`) or, with `dns_server`, by that server over TCP (crate `wasmedge_wasi_socket`,
+/// A records). IPv6 is refused: the socket extension's client connects over IPv4 only.
+fn resolve(
+    host: &str,
+    port: u16,
+    dns_server: Option<std::net::SocketAddrV4>,
+) -> Result<SocketAddr, String> {
     if host.starts_with('[') {
         return Err(format!(
             "{host}: IPv6 addresses cannot be reached from the Traefik plugin (IPv4 only)"
@@ -167,8 +175,13 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     if let Ok(ip) = host.parse::<Ipv4Addr>() {
         return Ok(SocketAddr::new(IpAddr::V4(ip), port));
     }
-    let found = wasmedge_wasi_socket::nslookup_with_host(host, &port.to_string())
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let found = match dns_server {
+        Some(server) => {
+            wasmedge_wasi_socket::nslookup_with_dns_server(&server.to_string(), host, "")
+        }
+        None => wasmedge_wasi_socket::nslookup_with_host(host, &port.to_string()),
+    }
+    .map_err(|e| format!("cannot resolve {host}: {e}"))?;
     found
         .into_iter()
         .find(SocketAddr::is_ipv4)

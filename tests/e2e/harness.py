@@ -298,8 +298,9 @@ class FakeWellKnown(FakeServer):
 
 
 class FakeDns:
-    """A DNS server (dnslib) on 127.0.0.1 answering A records from `records` (name -> IPv4),
-    NXDOMAIN for other names: the test's own resolver for `*.example.test`."""
+    """A DNS server (dnslib) on 127.0.0.1, UDP and TCP on one port, answering A records from
+    `records` (name -> IPv4), NXDOMAIN for other names: the test's own resolver for
+    `*.example.test` (Envoy asks over UDP, the Traefik plugin's `dnsServer` over TCP)."""
 
     def __init__(self, records: dict[str, str]):
         from dnslib import QTYPE, RCODE, RR, A
@@ -324,11 +325,14 @@ class FakeDns:
                 return lambda *a, **k: None
 
         self.port = free_port()
-        self._server = DNSServer(Resolver(), port=self.port, address="127.0.0.1", logger=QuietLogger())
-        self._server.start_thread()
+        self._servers = [DNSServer(Resolver(), port=self.port, address="127.0.0.1",
+                                   logger=QuietLogger(), tcp=tcp) for tcp in (False, True)]
+        for server in self._servers:
+            server.start_thread()
 
     def stop(self):
-        self._server.stop()
+        for server in self._servers:
+            server.stop()
 
 
 def use_test_resolver(cfg: dict, dns_port: int) -> None:
