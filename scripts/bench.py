@@ -4,7 +4,9 @@ rounds, A and B interleaved):
 1. strip-prefix: Envoy + filter vs Envoy's native route `prefix_rewrite` (no filter);
 2. token requests (restricted and full-access users) through Envoy + filter vs Envoy proxying
    one POST to the same instant upstream (the limit for one upstream round trip);
-3. footprint: `.wasm` size, Envoy resident memory with and without the filter.
+3. token requests through Traefik + plugin vs Traefik proxying one POST, over one connection
+   (the required inFlightReq lets one token request run at a time, README "Traefik");
+4. footprint: `.wasm` sizes, Envoy resident memory with and without the filter.
 
 The "instant" upstream, homeserver (userinfo) and LiveKit API (CreateRoom) are Envoy
 `direct_response` listeners in a separate Envoy process. Load: Debian's `wrk` (closed loop).
@@ -107,9 +109,9 @@ def to_us(text: str) -> float:
     return value * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
 
 
-def wrk(port: int, path: str, post: bool, work: Path) -> tuple[float, float, float]:
+def wrk(port: int, path: str, post: bool, work: Path, connections: int = CONNECTIONS) -> tuple[float, float, float]:
     """Requests/s, p50 µs, p99 µs."""
-    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency"]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{SECONDS}s", "--latency"]
     if post:
         script = work / "post.lua"
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
@@ -187,10 +189,17 @@ def main() -> int:
     # Traefik with the plugin vs Traefik's native stripPrefix, same instant upstream.
     traefik_plugin = Traefik(work, {"stripPrefixes": [PREFIX]}, upstream_port=up_port, log_level="ERROR")
     traefik_native = Traefik(work, None, upstream_port=up_port, native_strip=[PREFIX], log_level="ERROR")
-    for e in (with_filter, with_filter_restricted, with_idle_filter, traefik_plugin, traefik_native):
+    traefik_token = Traefik(work, {
+        "stripPrefixes": [PREFIX], "livekitUrl": f"ws://127.0.0.1:{sfu_port}", "livekitKey": "devkey",
+        "livekitSecretEnv": "LIVEKIT_SECRET", "fullAccessHomeservers": ["other.example"],
+        "homeservers": {"example.org": f"http://127.0.0.1:{hs_port}"},
+    }, upstream_port=up_port, log_level="ERROR", serialize=True,
+        env={"LIVEKIT_SECRET": "bench-secret-0123456789abcdef0123456789"})
+    proxies = (with_filter, with_filter_restricted, with_idle_filter, traefik_plugin, traefik_native, traefik_token)
+    for e in proxies:
         e.start()
     try:
-        for e in (with_filter, with_filter_restricted):
+        for e in (with_filter, with_filter_restricted, traefik_token):
             r = request(e.port, "POST", PREFIX + "/get_token", BODY.encode(), {"Content-Type": "application/json"})
             assert r.status == 200, (r.status, r.body)
         r = request(native_port, "GET", PREFIX + "/a/b")
@@ -199,7 +208,8 @@ def main() -> int:
         rss_before = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
         results: dict[str, list] = {k: [] for k in ("strip_filter", "strip_native", "idle_filter",
                                                     "traefik_plugin", "traefik_native", "token_restricted",
-                                                    "token_full", "one_round_trip")}
+                                                    "token_full", "one_round_trip", "traefik_token",
+                                                    "traefik_round_trip")}
         for rnd in range(ROUNDS):
             print(f"round {rnd + 1}/{ROUNDS} …", file=sys.stderr, flush=True)
             results["strip_native"].append(wrk(native_port, PREFIX + "/a/b?x=1", False, work))
@@ -210,9 +220,12 @@ def main() -> int:
             results["one_round_trip"].append(wrk(native_port, PREFIX + "/get_token", True, work))
             results["token_restricted"].append(wrk(with_filter_restricted.port, PREFIX + "/get_token", True, work))
             results["token_full"].append(wrk(with_filter.port, PREFIX + "/get_token", True, work))
+            # Traefik's native stripPrefix router proxies the POST to the instant upstream.
+            results["traefik_round_trip"].append(wrk(traefik_native.port, PREFIX + "/get_token", True, work, 1))
+            results["traefik_token"].append(wrk(traefik_token.port, PREFIX + "/get_token", True, work, 1))
         rss_after = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
     finally:
-        for p in (with_filter, with_filter_restricted, with_idle_filter, traefik_plugin, traefik_native):
+        for p in proxies:
             p.stop()
         native.stop()
         backend.stop()
@@ -244,8 +257,14 @@ def main() -> int:
     line("one round trip: Envoy proxying the POST", "one_round_trip")
     tr = med["token_restricted"][0] / med["one_round_trip"][0]
     print(f"    throughput ratio restricted/one-round-trip {tr:.3f}  (target ≥ 0.8: {'met' if tr >= 0.8 else 'MISSED'})")
+    line("token through Traefik + plugin, 1 connection", "traefik_token")
+    line("one round trip: Traefik proxying the POST, 1 conn.", "traefik_round_trip")
+    ttr = med["traefik_token"][0] / med["traefik_round_trip"][0]
+    print(f"    throughput ratio token/one-round-trip {ttr:.3f}  (Traefik: two callouts over new connections; no target set)")
     size = WASM.stat().st_size
-    print(f"\nfootprint\n  proxy-wasm .wasm {size / 1024:.0f} KiB  (target ≤ 400 KB: {'met' if size <= 400_000 else 'MISSED'})")
+    print(f"\nfootprint\n  proxy-wasm .wasm {size / 1024:.0f} KiB = {size / 1000:.1f} KB  (target ≤ 400 KB: {'met' if size <= 400_000 else 'MISSED'})")
+    tsize = TRAEFIK_WASM.stat().st_size
+    print(f"  Traefik plugin .wasm {tsize / 1024:.0f} KiB (with TLS: rustls + ring, Mozilla roots; no target set)")
     print(f"  Envoy RSS with filter    after warm-up {rss_before['filter']:.1f} MiB, after load {rss_after['filter']:.1f} MiB")
     print(f"  Envoy RSS without filter after warm-up {rss_before['native']:.1f} MiB, after load {rss_after['native']:.1f} MiB")
     growth = rss_after["filter"] - rss_before["filter"]

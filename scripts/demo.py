@@ -1,11 +1,13 @@
-"""The main job: real Envoy running the shipped envoy/envoy.yaml unmodified with the filter,
-a real Synapse for the server name `matrix.localhost`, a Matrix user who obtains an OpenID
-token, and a LiveKit access token minted through /livekit-jwt-service/get_token.
+"""The main job: real Envoy running the shipped envoy/envoy.yaml unmodified with the filter
+(or, with the argument `traefik`, real Traefik running the shipped
+traefik/dynamic-token-service.yml unmodified with the plugin), a real Synapse for the server
+name `matrix.localhost`, a Matrix user who obtains an OpenID token, and a LiveKit access token
+minted through /livekit-jwt-service/get_token.
 
-Ports (all 127.0.0.1, as in envoy/envoy.yaml): Envoy 8080 (admin 9901), Synapse 8008, LiveKit
-API 7880 (a recording fake: no LiveKit server is available from the package registries here),
-upstream 8081 (an echo server, to show strip-prefix on pass-through traffic).
-Run it with scripts/demo.sh, which builds the filter and installs what it needs first.
+Ports (all 127.0.0.1, as in the shipped files): the proxy 8080 (Envoy admin 9901), Synapse
+8008, LiveKit API 7880 (a recording fake: no LiveKit server is available from the package
+registries here), upstream 8081 (an echo server, to show strip-prefix on pass-through traffic).
+Run it with scripts/demo.sh [traefik], which builds both artifacts and installs what it needs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from livekit.api import TokenVerifier  # noqa: E402
 
 from harness import EchoUpstream, Envoy, FakeSfu, request  # noqa: E402
 from synapse import Synapse  # noqa: E402
+from traefik import Traefik  # noqa: E402
 
 KEY, SECRET = "devkey", "demo-secret-change-me-0123456789abcdef"
 
@@ -31,9 +34,10 @@ def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def main() -> int:
+def main(proxy: str = "envoy") -> int:
     work = Path(tempfile.mkdtemp(prefix="matrixrtc-demo-"))
     sfu = upstream = synapse = envoy = None
+    name = "Envoy" if proxy == "envoy" else "Traefik"
     try:
         step("starting a fake LiveKit API on 127.0.0.1:7880 and an echo upstream on 127.0.0.1:8081")
         sfu = FakeSfu(port=7880)
@@ -45,9 +49,15 @@ def main() -> int:
         session = synapse.login("alice", "demo-password")
         print(f"    logged in as {session['user_id']} on device {session['device_id']}")
 
-        step("starting Envoy with envoy/envoy.yaml (listener 127.0.0.1:8080)")
-        envoy = Envoy(work, config_file=ROOT / "envoy" / "envoy.yaml", cwd=ROOT,
-                      env={"LIVEKIT_KEY": KEY, "LIVEKIT_SECRET": SECRET}).start()
+        secrets = {"LIVEKIT_KEY": KEY, "LIVEKIT_SECRET": SECRET}
+        if proxy == "envoy":
+            step("starting Envoy with envoy/envoy.yaml (listener 127.0.0.1:8080)")
+            envoy = Envoy(work, config_file=ROOT / "envoy" / "envoy.yaml", cwd=ROOT, env=secrets).start()
+        else:
+            step("starting Traefik 3.7 with traefik/dynamic-token-service.yml (entry point 127.0.0.1:8080)")
+            envoy = Traefik(work, None, upstream_port=8081, env=secrets, port=8080,
+                            dynamic_file=ROOT / "traefik" / "dynamic-token-service.yml",
+                            log_level="INFO").start()
 
         step("requesting a Matrix OpenID token from Synapse")
         openid = synapse.openid_token(session)
@@ -78,7 +88,7 @@ def main() -> int:
         echo = r.json()
         fwd = [v for k, v in echo["headers"] if k.lower() == "x-forwarded-prefix"]
         print(f"    upstream received {echo['method']} {echo['path']} with X-Forwarded-Prefix {fwd}")
-        print("\nOK: token minted inside Envoy; no lk-jwt-service involved.")
+        print(f"\nOK: token minted inside {name}; no lk-jwt-service involved.")
         return 0
     finally:
         for thing in (envoy, synapse):
@@ -90,4 +100,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:] not in ([], ["envoy"], ["traefik"]):
+        sys.exit("usage: demo.py [envoy|traefik]")
+    sys.exit(main(*sys.argv[1:]))

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 rm -rf dist && mkdir -p dist/traefik-plugin
-cp target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm dist/
+cp target/envoy/matrixrtc_livekit_auth.wasm dist/
 cp target/traefik/matrixrtc-traefik.wasm dist/
 cp target/traefik/matrixrtc-traefik.wasm dist/traefik-plugin/plugin.wasm
 cp traefik/.traefik.yml dist/traefik-plugin/

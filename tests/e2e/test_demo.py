@@ -1,16 +1,20 @@
 """The README's main job (scripts/demo.py) works: real Envoy with the shipped envoy/envoy.yaml
-unmodified, a real Synapse, a LiveKit access token minted through the filter."""
+unmodified, a real Synapse, a LiveKit access token minted through the filter; and the same
+through real Traefik with the shipped traefik/dynamic-token-service.yml unmodified."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
 from harness import ROOT
 
 
-def test_demo_mints_a_token_through_shipped_config():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True,
+@pytest.mark.parametrize("proxy,name", [("envoy", "Envoy"), ("traefik", "Traefik")])
+def test_demo_mints_a_token_through_shipped_config(proxy, name):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), proxy], capture_output=True,
                        text=True, timeout=300, cwd=ROOT)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
@@ -18,4 +22,4 @@ def test_demo_mints_a_token_through_shipped_config():
     assert '"canPublish": true' in out
     assert "LiveKit's TokenVerifier accepts it: identity=" in out
     assert "upstream received GET /status?x=1 with X-Forwarded-Prefix ['/livekit-jwt-service']" in out
-    assert "OK: token minted inside Envoy" in out
+    assert f"OK: token minted inside {name}" in out

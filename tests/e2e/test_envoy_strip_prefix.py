@@ -12,14 +12,15 @@ from checks import STRIP_CASES, assert_strip_case, send_strip_case, strip_rows
 from conftest import PREFIX
 from harness import Envoy, request
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "cases" / "strip-prefix.tsv"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "cases"
 
 
-def test_case_file_matches_shared_copy():
-    """tests/cases/ is a copy of shared/cases/ (so the crate builds alone); keep them equal."""
-    if not SHARED.exists():
+@pytest.mark.parametrize("name", ["strip-prefix.tsv", "token-endpoints.md"])
+def test_case_files_match_shared_copies(name):
+    """tests/cases/ is a copy of shared/cases/ (so the repository stands alone); keep them equal."""
+    if not (SHARED / name).exists():
         pytest.skip("shared/ is not beside the checkout")
-    assert STRIP_CASES.read_bytes() == SHARED.read_bytes()
+    assert (STRIP_CASES.parent / name).read_bytes() == (SHARED / name).read_bytes()
 
 
 @pytest.fixture(scope="module", params=[PREFIX, PREFIX + "/"], ids=["prefix", "prefix-slash"])

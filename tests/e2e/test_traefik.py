@@ -4,6 +4,9 @@ examples. The token service scenarios run on Traefik in test_token.py (one list,
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
 from checks import assert_strip_case, send_strip_case, strip_rows
@@ -101,9 +104,9 @@ def test_shipped_traefik_examples_load(workdir, upstream):
 
 
 def test_shipped_token_service_example_serves_tokens(workdir, ca, homeserver, sfu, upstream):
-    """traefik/dynamic-token-service.yml: inFlightReq (amount 1, per Host) before the plugin,
-    and its plugin options, with only the addresses pointed at the fakes, issue a LiveKit access
-    token in real Traefik."""
+    """traefik/dynamic-token-service.yml: a fixed lock header and inFlightReq (amount 1 per
+    that header) before the plugin, and its plugin options, with only the addresses pointed at
+    the fakes, issue a LiveKit access token in real Traefik."""
     import yaml
 
     from checks import (assert_client_token, get_token_body, identity, new_token, post_json,
@@ -112,19 +115,54 @@ def test_shipped_token_service_example_serves_tokens(workdir, ca, homeserver, sf
 
     dynamic = yaml.safe_load((ROOT / "traefik" / "dynamic-token-service.yml").read_text())["http"]
     [router] = dynamic["routers"].values()
-    assert router["middlewares"][0] == "matrixrtc-one-at-a-time"
+    assert router["middlewares"][:2] == ["matrixrtc-lock-key", "matrixrtc-one-at-a-time"]
+    assert dynamic["middlewares"]["matrixrtc-lock-key"] == {
+        "headers": {"customRequestHeaders": {"X-Matrixrtc-Lock": "1"}}}
     assert dynamic["middlewares"]["matrixrtc-one-at-a-time"] == {
-        "inFlightReq": {"amount": 1, "sourceCriterion": {"requestHost": True}}}
-    options = dict(dynamic["middlewares"][router["middlewares"][1]]["plugin"]["matrixrtc"])
+        "inFlightReq": {"amount": 1, "sourceCriterion": {"requestHeaderName": "X-Matrixrtc-Lock"}}}
+    options = dict(dynamic["middlewares"][router["middlewares"][2]]["plugin"]["matrixrtc"])
     options.update(livekitUrl=f"ws://127.0.0.1:{sfu.port}", caFile=str(ca.ca_pem),
-                   homeservers={"example.org": f"https://localhost:{homeserver.port}"})
+                   homeservers={"matrix.localhost": f"https://localhost:{homeserver.port}"})
     token = new_token()
-    homeserver.tokens[token] = "@alice:example.org"
+    homeserver.tokens[token] = "@alice:matrix.localhost"
     with Traefik(workdir, options, upstream_port=upstream.port, serialize=True,
                  mounts=[str(ca.ca_pem.parent)],
                  env={"LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": LIVEKIT_SECRET}) as t:
-        r = post_json(t.port, PREFIX + "/get_token", get_token_body(token))
+        r = post_json(t.port, PREFIX + "/get_token", get_token_body(
+            token, server="matrix.localhost", user="@alice:matrix.localhost"))
         assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}",
                             room=room_alias("!room:example.org"),
-                            identity=identity("@alice:example.org", "DEVICE", "member-1"),
+                            identity=identity("@alice:matrix.localhost", "DEVICE", "member-1"),
                             full_access=True)
+
+
+def test_one_token_request_at_a_time_whatever_the_host(workdir, ca, homeserver, sfu, upstream):
+    """The required serialization cannot be sidestepped: while one token request waits for its
+    homeserver, requests with other spellings of the Host (case, port) or a forged lock header
+    get 429 and make no callout (found by the newcomer review: inFlightReq per Host was
+    bypassable)."""
+    import threading
+
+    from checks import get_token_body, new_token, post_json
+    from conftest import standard_config, start_proxy
+
+    slow = new_token()
+    homeserver.tokens[slow] = "hang"
+    with start_proxy("traefik", workdir, standard_config(homeserver, sfu), upstream.port, ca) as t:
+        first = threading.Thread(target=post_json, args=(t.port, PREFIX + "/get_token", get_token_body(slow)))
+        first.start()
+        deadline = time.monotonic() + 5
+        while not homeserver.userinfo_calls(slow):
+            assert time.monotonic() < deadline, "the first request never reached the homeserver"
+            time.sleep(0.02)
+        others = []
+        for headers in ({"Host": "MATRIX.example.org"}, {"Host": "matrix.example.org:80"},
+                        {"Host": "other.example"}, {"X-Matrixrtc-Lock": "2"}):
+            token = new_token()
+            homeserver.tokens[token] = "@alice:example.org"
+            r = request(t.port, "POST", PREFIX + "/get_token", json.dumps(get_token_body(token)).encode(),
+                        headers={"Content-Type": "application/json", **headers})
+            assert r.status == 429, (headers, r.status, r.body)
+            others.append(token)
+        first.join()
+        assert all(homeserver.userinfo_calls(token) == [] for token in others)

@@ -30,7 +30,7 @@ class Traefik(ManagedProcess):
     def __init__(self, workdir: Path, options: dict | None, *, upstream_port: int,
                  env: dict[str, str] | None = None, native_strip: list[str] | None = None,
                  log_level: str = "DEBUG", mounts: list[str] | None = None,
-                 serialize: bool = False):
+                 serialize: bool = False, dynamic_file: Path | None = None, port: int | None = None):
         """`options`: the plugin's middleware options (None: no plugin middleware);
         `native_strip`: use Traefik's own stripPrefix middleware with these prefixes instead;
         `mounts`: the plugin's `settings.mounts` (host directories the plugin may read);
@@ -42,7 +42,9 @@ class Traefik(ManagedProcess):
         plugin_dir.mkdir(parents=True)
         shutil.copy(ROOT / "traefik" / ".traefik.yml", plugin_dir / ".traefik.yml")
         shutil.copy(TRAEFIK_WASM, plugin_dir / "plugin.wasm")
-        self.port = free_port()
+        self.port = port or free_port()
+        # A path some router of the dynamic configuration serves once the plugin is loaded.
+        self.ready_path = "/livekit-jwt-service/healthz" if dynamic_file else "/__ready_probe__"
         self.api_port = free_port()
         static = {
             # No calls home from tests: only loopback traffic is allowed here.
@@ -51,7 +53,7 @@ class Traefik(ManagedProcess):
                             "traefik": {"address": f"127.0.0.1:{self.api_port}"}},
             "ping": {"entryPoint": "traefik"},
             "log": {"level": log_level, "noColor": True},
-            "providers": {"file": {"filename": str(self.dir / "dynamic.yml")}},
+            "providers": {"file": {"filename": str(dynamic_file or self.dir / "dynamic.yml")}},
             "experimental": {"localPlugins": {MODULE: {
                 "moduleName": MODULE,
                 "settings": {"envs": ["LIVEKIT_KEY", "LIVEKIT_SECRET"], "mounts": mounts or []},
@@ -62,9 +64,12 @@ class Traefik(ManagedProcess):
         if options is not None:
             middlewares["matrixrtc"] = {"plugin": {MODULE: options}}
         if serialize:
+            # As traefik/dynamic-token-service.yml: one fixed key for every request, then one
+            # request in flight per key.
+            middlewares["lock-key"] = {"headers": {"customRequestHeaders": {"X-Matrixrtc-Lock": "1"}}}
             middlewares["one-at-a-time"] = {"inFlightReq": {
-                "amount": 1, "sourceCriterion": {"requestHost": True}}}
-            chain = ["one-at-a-time", "matrixrtc"]
+                "amount": 1, "sourceCriterion": {"requestHeaderName": "X-Matrixrtc-Lock"}}}
+            chain = ["lock-key", "one-at-a-time", "matrixrtc"]
         if native_strip is not None:
             middlewares["matrixrtc"] = {"stripPrefix": {"prefixes": native_strip}}
         dynamic = {"http": {
@@ -93,7 +98,7 @@ class Traefik(ManagedProcess):
             try:
                 if request(self.api_port, "GET", "/ping", timeout=1).status == 200:
                     # The router is up once a request outside every prefix reaches the upstream.
-                    if request(self.port, "GET", "/__ready_probe__", timeout=2).status != 404:
+                    if request(self.port, "GET", self.ready_path, timeout=2).status != 404:
                         return self
             except OSError:
                 pass
