@@ -59,9 +59,15 @@ fn migrates_a_typical_environment() {
     assert!(out.contains("host_env_keys: [LIVEKIT_KEY, LIVEKIT_SECRET]"));
     // Traefik: the same options under the plugin middleware, behind the required lock.
     let traefik = &out[out.find("# Traefik").unwrap()..];
-    assert!(traefik.contains("requestHeaderName: X-Matrixrtc-Lock"), "{traefik}");
+    assert!(
+        traefik.contains("requestHeaderName: X-Matrixrtc-Lock"),
+        "{traefik}"
+    );
     assert!(traefik.contains("X-Matrixrtc-Lock: \"1\""), "{traefik}");
-    assert!(traefik.contains("          \"stripPrefixes\": ["), "{traefik}");
+    assert!(
+        traefik.contains("          \"stripPrefixes\": ["),
+        "{traefik}"
+    );
     assert!(traefik.contains("[matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]"));
     assert!(
         !out.contains("s3cret-value") && !err.contains("s3cret-value"),
