@@ -163,7 +163,7 @@ impl std::fmt::Display for UserinfoError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Status(s) => write!(f, "homeserver answered status {s}"),
-            Self::NoStatus => f.write_str("homeserver answer had no status (connection reset?)"),
+            Self::NoStatus => f.write_str("no answer from the homeserver"),
             Self::TooLarge => f.write_str("userinfo answer too large"),
             Self::Malformed => f.write_str("userinfo answer is not JSON with a string `sub`"),
             Self::WrongServer => {

@@ -68,7 +68,9 @@ fn migrates_a_typical_environment() {
         traefik.contains("          \"stripPrefixes\": ["),
         "{traefik}"
     );
-    assert!(traefik.contains("[matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]"));
+    assert!(traefik.contains(
+        "[matrixrtc-buffer, matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]"
+    ));
     assert!(
         !out.contains("s3cret-value") && !err.contains("s3cret-value"),
         "never print the secret"

@@ -234,10 +234,10 @@ fn run() -> Result<(), String> {
     );
     println!(
         "# Traefik (dynamic configuration): the same options for the plugin middleware (JSON is\n\
-         # valid YAML), behind the two middlewares README \"Traefik\" requires (one token request\n\
-         # at a time). Put LIVEKIT_KEY and LIVEKIT_SECRET in Traefik's environment and list them\n\
+         # valid YAML), behind the three middlewares README \"Traefik\" requires (one token\n\
+         # request at a time). Put LIVEKIT_KEY and LIVEKIT_SECRET in Traefik's environment and list them\n\
          # in the plugin's settings.envs; see traefik/dynamic-token-service.yml for the router.\n\
-         http:\n  middlewares:\n    matrixrtc-lock-key:\n      headers:\n        customRequestHeaders:\n          X-Matrixrtc-Lock: \"1\"\n    matrixrtc-one-at-a-time:\n      inFlightReq:\n        amount: 1\n        sourceCriterion:\n          requestHeaderName: X-Matrixrtc-Lock\n    matrixrtc-token:\n      plugin:\n        matrixrtc:\n{}  # router: middlewares: [matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]",
+         http:\n  middlewares:\n    matrixrtc-buffer:\n      buffering:\n        maxRequestBodyBytes: 1048576\n    matrixrtc-lock-key:\n      headers:\n        customRequestHeaders:\n          X-Matrixrtc-Lock: \"1\"\n    matrixrtc-one-at-a-time:\n      inFlightReq:\n        amount: 1\n        sourceCriterion:\n          requestHeaderName: X-Matrixrtc-Lock\n    matrixrtc-token:\n      plugin:\n        matrixrtc:\n{}  # router: middlewares: [matrixrtc-buffer, matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]",
         indent(&json, 10)
     );
     for note in &m.notes {

@@ -127,7 +127,7 @@ impl Transport {
     pub fn fetch(&self, callout: &Callout, max_body: usize) -> Result<Answer, String> {
         let deadline = Instant::now() + Duration::from_millis(callout.timeout_ms);
         let (host, port) = split_authority(&callout.upstream.authority)?;
-        let address = resolve(host, port, self.dns_server)?;
+        let address = resolve(host, port, self.dns_server, deadline)?;
         let socket = connect(address, deadline)?;
         let request = encode_request(callout);
         if callout.upstream.tls {
@@ -160,12 +160,14 @@ fn split_authority(authority: &str) -> Result<(&str, u16), String> {
 }
 
 /// The first IPv4 address of `host`: an IPv4 literal, or a DNS name resolved by the host (its
-/// `getaddrinfo`) or, with `dns_server`, by that server over TCP (crate `wasmedge_wasi_socket`,
-/// A records). IPv6 is refused: the socket extension's client connects over IPv4 only.
+/// `getaddrinfo`; Traefik's resolver applies its own timeouts) or, with `dns_server`, by that
+/// server over TCP within the callout's deadline ([`lookup_a`]). IPv6 is refused: the socket
+/// extension's client connects over IPv4 only.
 fn resolve(
     host: &str,
     port: u16,
     dns_server: Option<std::net::SocketAddrV4>,
+    deadline: Instant,
 ) -> Result<SocketAddr, String> {
     if host.starts_with('[') {
         return Err(format!(
@@ -175,18 +177,80 @@ fn resolve(
     if let Ok(ip) = host.parse::<Ipv4Addr>() {
         return Ok(SocketAddr::new(IpAddr::V4(ip), port));
     }
-    let found = match dns_server {
-        Some(server) => {
-            wasmedge_wasi_socket::nslookup_with_dns_server(&server.to_string(), host, "")
-        }
-        None => wasmedge_wasi_socket::nslookup_with_host(host, &port.to_string()),
+    let lower = host.to_ascii_lowercase();
+    let ip = match dns_server {
+        // RFC 6761 section 6.3: localhost names are loopback, whatever a DNS server says.
+        Some(_) if lower == "localhost" || lower.ends_with(".localhost") => Ipv4Addr::LOCALHOST,
+        Some(server) => lookup_a(server, host, deadline)?,
+        None => wasmedge_wasi_socket::nslookup_with_host(host, &port.to_string())
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .into_iter()
+            .find_map(|a| match a.ip() {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            })
+            .ok_or_else(|| format!("{host} has no IPv4 address"))?,
+    };
+    Ok(SocketAddr::new(IpAddr::V4(ip), port))
+}
+
+/// Largest DNS answer read over TCP, in bytes.
+const MAX_DNS_ANSWER_BYTES: usize = 16 * 1024;
+
+/// Asks `server` for the A records of `host` over TCP (RFC 7766: two-byte length, then the
+/// message; messages built and parsed with the crate `simple-dns`), all before `deadline`.
+/// Returns the first address.
+fn lookup_a(
+    server: std::net::SocketAddrV4,
+    host: &str,
+    deadline: Instant,
+) -> Result<Ipv4Addr, String> {
+    use simple_dns::{
+        rdata::RData, Name, Packet, PacketFlag, Question, CLASS, QCLASS, QTYPE, TYPE,
+    };
+    let failed = |e: &dyn std::fmt::Display| format!("cannot resolve {host} with {server}: {e}");
+    let id = u16::try_from(
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() & 0xffff)
+            .unwrap_or(0),
+    )
+    .unwrap_or(0);
+    let mut query = Packet::new_query(id);
+    query.set_flags(PacketFlag::RECURSION_DESIRED);
+    let name = Name::new(host).map_err(|e| failed(&e))?;
+    query.questions.push(Question::new(
+        name,
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    let message = query.build_bytes_vec().map_err(|e| failed(&e))?;
+    let length = u16::try_from(message.len()).map_err(|e| failed(&e))?;
+    let mut stream = connect(SocketAddr::V4(server), deadline)?;
+    let mut framed = length.to_be_bytes().to_vec();
+    framed.extend_from_slice(&message);
+    stream.write_all(&framed).map_err(|e| failed(&e))?;
+    let mut prefix = [0u8; 2];
+    stream.read_exact(&mut prefix).map_err(|e| failed(&e))?;
+    let size = usize::from(u16::from_be_bytes(prefix));
+    if size > MAX_DNS_ANSWER_BYTES {
+        return Err(failed(&"answer too large"));
     }
-    .map_err(|e| format!("cannot resolve {host}: {e}"))?;
-    found
-        .into_iter()
-        .find(SocketAddr::is_ipv4)
-        .map(|a| SocketAddr::new(a.ip(), port))
-        .ok_or_else(|| format!("{host} has no IPv4 address"))
+    let mut answer = vec![0u8; size];
+    stream.read_exact(&mut answer).map_err(|e| failed(&e))?;
+    let reply = Packet::parse(&answer).map_err(|e| failed(&e))?;
+    if reply.id() != id {
+        return Err(failed(&"answer for another query"));
+    }
+    reply
+        .answers
+        .iter()
+        .find_map(|record| match &record.rdata {
+            RData::A(a) => Some(Ipv4Addr::from(a.address)),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{host} has no IPv4 address (asked {server})"))
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -227,12 +291,25 @@ impl AsRawFd for TimedStream {
     }
 }
 
+/// A count the socket extension reported that cannot be right for this buffer (seen when
+/// Traefik's shared WASI system is used concurrently, README "Traefik"): an error, never a
+/// slice-index panic in the caller.
+fn checked(n: usize, len: usize) -> io::Result<usize> {
+    if n > len {
+        return Err(io::Error::other(format!(
+            "socket reported {n} bytes for a {len}-byte buffer"
+        )));
+    }
+    Ok(n)
+}
+
 impl Read for TimedStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.stream.read(buf) {
                 Err(e) if would_block(&e) => wait(&self.stream, true, self.deadline)?,
-                other => return other,
+                Ok(n) => return checked(n, buf.len()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -243,7 +320,8 @@ impl Write for TimedStream {
         loop {
             match self.stream.write(buf) {
                 Err(e) if would_block(&e) => wait(&self.stream, false, self.deadline)?,
-                other => return other,
+                Ok(n) => return checked(n, buf.len()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -383,8 +461,13 @@ enum Framing {
     UntilClose,
 }
 
+/// Longest chunk-size line (size, extensions, CRLF) accepted, in bytes.
+const MAX_CHUNK_LINE_BYTES: usize = 256;
+
 /// Decodes a chunked body (sizes parsed with `httparse::parse_chunk_size`), stopping once
-/// `max_body` bytes are collected.
+/// `max_body` bytes are collected. At most `max_body` + 16 KiB of raw bytes are read in all,
+/// and consumed bytes are dropped as it goes, so framing overhead (one-byte chunks with long
+/// extensions) cannot grow memory.
 fn read_chunked(
     stream: &mut impl ReadWrite,
     mut raw: Vec<u8>,
@@ -393,9 +476,23 @@ fn read_chunked(
     let mut body = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut position = 0usize;
+    let mut raw_total = raw.len();
+    let raw_limit = max_body.saturating_add(16 * 1024);
     loop {
+        if position > 0 {
+            raw.drain(..position.min(raw.len()));
+            position = 0;
+        }
+        if raw_total > raw_limit {
+            return Err("chunked answer with too much framing".to_owned());
+        }
         let pending = raw.get(position..).unwrap_or_default();
         match httparse::parse_chunk_size(pending) {
+            Ok(httparse::Status::Complete((header_len, _)))
+                if header_len > MAX_CHUNK_LINE_BYTES =>
+            {
+                return Err("chunk-size line too long".to_owned());
+            }
             Ok(httparse::Status::Complete((header_len, size))) => {
                 if size == 0 {
                     return Ok(body);
@@ -411,6 +508,7 @@ fn read_chunked(
                     if n == 0 {
                         return Err("the connection closed inside a chunk".to_owned());
                     }
+                    raw_total += n;
                     raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
                 }
                 let data = raw.get(start..end.min(raw.len())).unwrap_or_default();
@@ -422,13 +520,14 @@ fn read_chunked(
                 position = end + 2;
             }
             Ok(httparse::Status::Partial) => {
-                if pending.len() > 1024 {
-                    return Err("malformed chunk size".to_owned());
+                if pending.len() > MAX_CHUNK_LINE_BYTES {
+                    return Err("chunk-size line too long".to_owned());
                 }
                 let n = read_some(stream, &mut chunk)?;
                 if n == 0 {
                     return Err("the connection closed inside a chunked body".to_owned());
                 }
+                raw_total += n;
                 raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
             }
             Err(_) => return Err("malformed chunk size".to_owned()),

@@ -232,7 +232,9 @@ USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
 
 class FakeHomeserver(FakeServer):
     """Federation OpenID userinfo. `tokens` maps an access token to what to answer:
-    a user ID string (200 {"sub": …}), a `(status, body_bytes)` tuple, or "hang" / "reset".
+    a user ID string (200 {"sub": …}), a `(status, body_bytes)` tuple, raw `bytes` written as
+    the whole answer (status line, headers and body; then the connection closes), or
+    "hang" / "reset".
     Unknown tokens get 401 M_UNKNOWN_TOKEN, as Synapse answers."""
 
     def __init__(self, tls: TestCA | None = None, port: int = 0, host: str = "127.0.0.1"):
@@ -255,6 +257,9 @@ class FakeHomeserver(FakeServer):
             return self.reply(h, 200, b"{}")
         if answer == "reset":
             return self.reset_after_headers(h)
+        if isinstance(answer, bytes):
+            h.close_connection = True
+            return h.wfile.write(answer)
         if isinstance(answer, tuple):
             return self.reply(h, answer[0], answer[1])
         return self.reply(h, 200, json.dumps({"sub": answer}).encode())

@@ -256,3 +256,21 @@ def test_real_synapse_over_tls_through_discovery(proxy_kind, workdir, ca, sfu, u
                                 identity=identity("@bob:synapse.example.test", session["device_id"], "m-bob"),
                                 full_access=True)
     assert len(well_known.calls(server)) == 1
+
+
+def test_silent_dns_server_is_bounded_by_the_callout_timeout(workdir, ca, homeserver, sfu, upstream):
+    """Traefik only (`dnsServer`): a DNS server that accepts and never answers costs at most the
+    callout timeout per lookup (found by the attack review: the lookup blocked for minutes,
+    holding the one token-request slot); the request ends in 401."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = {**discovery_config(homeserver, sfu), "dnsServer": f"127.0.0.1:{silent.getsockname()[1]}"}
+        with start_proxy("traefik", workdir, cfg, upstream.port, ca) as t:
+            token, user, r = exchange(t, homeserver, "nowk.example.test")
+            assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+            # .well-known host, then host:8448: two lookups of at most 1.5 s each.
+            assert r.elapsed < 4.5, r.elapsed
+            wait_for_log(t, "cannot resolve nowk.example.test")

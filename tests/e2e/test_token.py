@@ -427,6 +427,43 @@ def test_homeserver_garbage_is_401(proxy, homeserver, sfu, answer):
     assert "FORGED" not in proxy.log(), "a homeserver cannot write into the filter's log"
 
 
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunked(body: bytes, size: int = 7, extension: bytes = b"") -> bytes:
+    parts = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(p), extension, p) for p in parts) + b"0\r\n\r\n"
+
+
+def test_chunked_userinfo_answer_is_read(proxy, homeserver, sfu):
+    """A homeserver answering with chunked coding (small chunks, a short extension) is
+    understood (the Traefik plugin decodes it itself; Envoy does for the filter)."""
+    token = new_token()
+    homeserver.tokens[token] = CHUNKED_HEAD + chunked(b'{"sub": "@alice:example.org"}', 5, b";x=1")
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
+    assert r.status == 200, r.body
+
+
+def test_chunk_framing_flood_is_bounded(proxy_kind, proxy, homeserver, sfu):
+    """One-byte chunks with 1000-byte extensions (found by the attack review: the Traefik
+    plugin kept every framing byte, ~17 MB per answer). Envoy's codec decodes it with bounded
+    memory (the decoded body is valid: 200); the Traefik plugin refuses chunk-size lines over
+    256 bytes at once (401). Either way the next request works."""
+    token = new_token()
+    body = json.dumps({"sub": "@alice:example.org", "pad": "x" * 2000}).encode()
+    homeserver.tokens[token] = CHUNKED_HEAD + chunked(body, 1, b";" + b"e" * 1000)
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
+    if proxy_kind == "traefik":
+        assert_matrix_error(r, 401, "M_UNAUTHORIZED")
+        wait_for_log(proxy, "chunk-size line too long")
+    else:
+        assert r.status == 200, r.body
+    assert r.elapsed < 1.4, r.elapsed
+    ok = new_token()
+    homeserver.tokens[ok] = "@alice:example.org"
+    assert post_json(proxy.port, GET_TOKEN, get_token_body(ok)).status == 200
+
+
 def test_unreachable_homeserver_is_401(make_proxy, homeserver, sfu):
     from harness import free_port
 

@@ -115,12 +115,13 @@ def test_shipped_token_service_example_serves_tokens(workdir, ca, homeserver, sf
 
     dynamic = yaml.safe_load((ROOT / "traefik" / "dynamic-token-service.yml").read_text())["http"]
     [router] = dynamic["routers"].values()
-    assert router["middlewares"][:2] == ["matrixrtc-lock-key", "matrixrtc-one-at-a-time"]
+    assert router["middlewares"][:3] == ["matrixrtc-buffer", "matrixrtc-lock-key", "matrixrtc-one-at-a-time"]
+    assert dynamic["middlewares"]["matrixrtc-buffer"] == {"buffering": {"maxRequestBodyBytes": 1048576}}
     assert dynamic["middlewares"]["matrixrtc-lock-key"] == {
         "headers": {"customRequestHeaders": {"X-Matrixrtc-Lock": "1"}}}
     assert dynamic["middlewares"]["matrixrtc-one-at-a-time"] == {
         "inFlightReq": {"amount": 1, "sourceCriterion": {"requestHeaderName": "X-Matrixrtc-Lock"}}}
-    options = dict(dynamic["middlewares"][router["middlewares"][2]]["plugin"]["matrixrtc"])
+    options = dict(dynamic["middlewares"][router["middlewares"][3]]["plugin"]["matrixrtc"])
     options.update(livekitUrl=f"ws://127.0.0.1:{sfu.port}", caFile=str(ca.ca_pem),
                    homeservers={"matrix.localhost": f"https://localhost:{homeserver.port}"})
     token = new_token()
@@ -166,3 +167,37 @@ def test_one_token_request_at_a_time_whatever_the_host(workdir, ca, homeserver, 
             others.append(token)
         first.join()
         assert all(homeserver.userinfo_calls(token) == [] for token in others)
+
+
+def test_slow_request_body_does_not_hold_the_slot(workdir, ca, homeserver, sfu, upstream):
+    """A client dripping its body (found by the attack review: it held the one slot for up to
+    Traefik's 60 s read timeout) waits in Traefik's buffering middleware, before the slot:
+    other token requests meanwhile get their tokens."""
+    import socket
+    import threading
+
+    from checks import get_token_body, new_token, post_json
+    from conftest import standard_config, start_proxy
+
+    with start_proxy("traefik", workdir, standard_config(homeserver, sfu), upstream.port, ca) as t:
+        stop = threading.Event()
+
+        def drip():
+            with socket.create_connection(("127.0.0.1", t.port)) as s:
+                s.sendall(b"POST " + PREFIX.encode() + b"/get_token HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+                while not stop.wait(0.1):
+                    s.sendall(b" ")
+
+        dripper = threading.Thread(target=drip)
+        dripper.start()
+        try:
+            time.sleep(0.5)
+            for _ in range(3):
+                token = new_token()
+                homeserver.tokens[token] = "@alice:example.org"
+                r = post_json(t.port, PREFIX + "/get_token", get_token_body(token))
+                assert r.status == 200, (r.status, r.body)
+        finally:
+            stop.set()
+            dripper.join()

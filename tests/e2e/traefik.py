@@ -66,10 +66,11 @@ class Traefik(ManagedProcess):
         if serialize:
             # As traefik/dynamic-token-service.yml: one fixed key for every request, then one
             # request in flight per key.
+            middlewares["buffer"] = {"buffering": {"maxRequestBodyBytes": 1048576}}
             middlewares["lock-key"] = {"headers": {"customRequestHeaders": {"X-Matrixrtc-Lock": "1"}}}
             middlewares["one-at-a-time"] = {"inFlightReq": {
                 "amount": 1, "sourceCriterion": {"requestHeaderName": "X-Matrixrtc-Lock"}}}
-            chain = ["lock-key", "one-at-a-time", "matrixrtc"]
+            chain = ["buffer", "lock-key", "one-at-a-time", "matrixrtc"]
         if native_strip is not None:
             middlewares["matrixrtc"] = {"stripPrefix": {"prefixes": native_strip}}
         dynamic = {"http": {
