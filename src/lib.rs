@@ -12,6 +12,7 @@
 //! - [`exchange`]: routing and the token exchange state machine (section 4);
 //! - [`metrics`]: metric names and labels;
 //! - [`logging`]: log lines prefixed with the request id;
+//! - [`http1`]: HTTP/1.1 request encoding and answer parsing (the Traefik plugin's callouts);
 //! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio;
 //! - `http_wasm_plugin` (wasm32, feature `traefik`): the http-wasm adapter loaded by Traefik.
 //!
@@ -23,6 +24,7 @@ pub mod config;
 pub mod discovery;
 pub mod exchange;
 pub mod hs256;
+pub mod http1;
 pub mod livekit;
 pub mod logging;
 pub mod matrix;

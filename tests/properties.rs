@@ -178,3 +178,74 @@ proptest! {
         }
     }
 }
+
+/// A server answer handed out `step` bytes per read; writes are discarded.
+struct Peer {
+    answer: Vec<u8>,
+    at: usize,
+    step: usize,
+}
+
+impl std::io::Read for Peer {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = &self.answer[self.at..];
+        let n = rest.len().min(buf.len()).min(self.step);
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Peer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn http1_answer(raw: Vec<u8>, step: usize, max_body: usize) -> Result<Vec<u8>, String> {
+    let mut peer = Peer {
+        answer: raw,
+        at: 0,
+        step,
+    };
+    matrixrtc_livekit_auth::http1::exchange(&mut peer, b"GET / HTTP/1.1\r\n\r\n", max_body)
+        .map(|a| a.body)
+}
+
+proptest! {
+    /// The Traefik plugin's HTTP/1.1 reader: any chunking of any body, read in any pieces,
+    /// decodes to the body (truncated to the limit); arbitrary bytes never panic.
+    #[test]
+    fn http1_chunked_round_trip(
+        body in proptest::collection::vec(any::<u8>(), 0..600),
+        size in 1usize..70,
+        step in 1usize..40,
+        max_body in 1usize..700,
+        extension in "(;[a-z]{0,8}(=[a-z0-9]{0,8})?)?",
+    ) {
+        let mut raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for part in body.chunks(size) {
+            raw.extend_from_slice(format!("{:x}{extension}\r\n", part.len()).as_bytes());
+            raw.extend_from_slice(part);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"0\r\n\r\n");
+        let decoded = http1_answer(raw, step, max_body).unwrap();
+        prop_assert_eq!(&decoded[..], &body[..body.len().min(max_body)]);
+    }
+
+    #[test]
+    fn http1_arbitrary_answers_never_panic(
+        raw in proptest::collection::vec(any::<u8>(), 0..400),
+        step in 1usize..64,
+        max_body in 0usize..100,
+    ) {
+        let mut answer = b"HTTP/1.1 200 OK\r\n".to_vec();
+        answer.extend_from_slice(&raw);
+        let _ = http1_answer(answer, step, max_body);
+        let _ = http1_answer(raw, step, max_body);
+    }
+}

@@ -26,25 +26,11 @@ use wasmedge_wasi_socket::TcpStream;
 
 use crate::config::{ConfigError, TokenService};
 use crate::exchange::{Callout, CalloutTarget};
+use crate::http1::{self, Answer};
 
-/// Largest answer head (status line and headers) read, in bytes.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Most headers parsed in an answer.
-const MAX_HEADERS: usize = 64;
 /// WASI errno values the socket extension returns as raw OS errors.
 const WASI_EAGAIN: i32 = 6;
 const WASI_EINPROGRESS: i32 = 26;
-
-/// The answer to a callout: status, body (at most the size asked for) and `Cache-Control`.
-#[derive(Debug)]
-pub struct Answer {
-    /// HTTP status code.
-    pub status: u16,
-    /// The body, truncated to the limit passed to [`Transport::fetch`].
-    pub body: Vec<u8>,
-    /// The `Cache-Control` header, if any.
-    pub cache_control: Option<String>,
-}
 
 /// TLS settings for every callout of one plugin instance.
 pub struct Transport {
@@ -129,7 +115,7 @@ impl Transport {
         let (host, port) = split_authority(&callout.upstream.authority)?;
         let address = resolve(host, port, self.dns_server, deadline)?;
         let socket = connect(address, deadline)?;
-        let request = encode_request(callout);
+        let request = http1::encode_request(callout);
         if callout.upstream.tls {
             let config = match (&self.unverified, callout.target) {
                 (Some(insecure), CalloutTarget::Homeserver | CalloutTarget::WellKnown) => insecure,
@@ -140,10 +126,10 @@ impl Transport {
             let connection = ClientConnection::new(config.clone(), name)
                 .map_err(|e| format!("TLS setup failed: {e}"))?;
             let mut stream = StreamOwned::new(connection, socket);
-            exchange_http(&mut stream, &request, max_body)
+            http1::exchange(&mut stream, &request, max_body)
         } else {
             let mut stream = socket;
-            exchange_http(&mut stream, &request, max_body)
+            http1::exchange(&mut stream, &request, max_body)
         }
     }
 }
@@ -345,209 +331,6 @@ fn connect(address: SocketAddr, deadline: Instant) -> Result<TimedStream, String
         deadline,
     })
 }
-
-/// The request bytes: request line, `Host`, our headers, `Content-Length`, body.
-fn encode_request(c: &Callout) -> Vec<u8> {
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nhost: {}\r\nuser-agent: {}\r\nconnection: close\r\n",
-        c.method,
-        c.path,
-        c.upstream.authority,
-        crate::USER_AGENT
-    );
-    for (name, value) in &c.headers {
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
-    }
-    if !c.body.is_empty() || c.method == "POST" {
-        head.push_str(&format!("content-length: {}\r\n", c.body.len()));
-    }
-    head.push_str("\r\n");
-    let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(&c.body);
-    bytes
-}
-
-/// Writes the request and reads the answer: head parsed with `httparse`, body by
-/// `Content-Length`, chunked coding, or until the server closes; at most `max_body` bytes.
-fn exchange_http(
-    stream: &mut impl ReadWrite,
-    request: &[u8],
-    max_body: usize,
-) -> Result<Answer, String> {
-    stream
-        .write_all(request)
-        .map_err(|e| format!("sending the request failed: {e}"))?;
-    let mut buffer = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    let (status, cache_control, framing, head_len) = loop {
-        let n = read_some(stream, &mut chunk)?;
-        if n == 0 {
-            return Err("the connection closed before an answer".to_owned());
-        }
-        buffer.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buffer) {
-            Ok(httparse::Status::Complete(len)) => {
-                let status = response.code.ok_or("answer without status")?;
-                let header = |name: &str| {
-                    response
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .and_then(|h| std::str::from_utf8(h.value).ok())
-                        .map(|v| v.trim().to_owned())
-                };
-                let framing = if header("transfer-encoding")
-                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-                {
-                    Framing::Chunked
-                } else if let Some(length) = header("content-length") {
-                    Framing::Length(
-                        length
-                            .parse::<usize>()
-                            .map_err(|_| "answer with an invalid Content-Length".to_owned())?,
-                    )
-                } else {
-                    Framing::UntilClose
-                };
-                break (status, header("cache-control"), framing, len);
-            }
-            Ok(httparse::Status::Partial) if buffer.len() <= MAX_HEAD_BYTES => continue,
-            Ok(httparse::Status::Partial) => return Err("answer head too large".to_owned()),
-            Err(e) => return Err(format!("malformed answer: {e}")),
-        }
-    };
-    let mut rest = buffer.split_off(head_len.min(buffer.len()));
-    let body = match framing {
-        Framing::Length(length) => {
-            let want = length.min(max_body);
-            while rest.len() < want {
-                let n = read_some(stream, &mut chunk)?;
-                if n == 0 {
-                    return Err("the connection closed inside the answer body".to_owned());
-                }
-                rest.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            }
-            rest.truncate(want);
-            rest
-        }
-        Framing::UntilClose => {
-            while rest.len() < max_body {
-                let n = read_some(stream, &mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                rest.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            }
-            rest.truncate(max_body);
-            rest
-        }
-        Framing::Chunked => read_chunked(stream, rest, max_body)?,
-    };
-    Ok(Answer {
-        status,
-        body,
-        cache_control,
-    })
-}
-
-enum Framing {
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-/// Longest chunk-size line (size, extensions, CRLF) accepted, in bytes.
-const MAX_CHUNK_LINE_BYTES: usize = 256;
-
-/// Decodes a chunked body (sizes parsed with `httparse::parse_chunk_size`), stopping once
-/// `max_body` bytes are collected. At most `max_body` + 16 KiB of raw bytes are read in all,
-/// and consumed bytes are dropped as it goes, so framing overhead (one-byte chunks with long
-/// extensions) cannot grow memory.
-fn read_chunked(
-    stream: &mut impl ReadWrite,
-    mut raw: Vec<u8>,
-    max_body: usize,
-) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut position = 0usize;
-    let mut raw_total = raw.len();
-    let raw_limit = max_body.saturating_add(16 * 1024);
-    loop {
-        if position > 0 {
-            raw.drain(..position.min(raw.len()));
-            position = 0;
-        }
-        if raw_total > raw_limit {
-            return Err("chunked answer with too much framing".to_owned());
-        }
-        let pending = raw.get(position..).unwrap_or_default();
-        match httparse::parse_chunk_size(pending) {
-            Ok(httparse::Status::Complete((header_len, _)))
-                if header_len > MAX_CHUNK_LINE_BYTES =>
-            {
-                return Err("chunk-size line too long".to_owned());
-            }
-            Ok(httparse::Status::Complete((header_len, size))) => {
-                if size == 0 {
-                    return Ok(body);
-                }
-                let size = usize::try_from(size).map_err(|_| "chunk too large".to_owned())?;
-                let start = position + header_len;
-                let end = start.saturating_add(size);
-                // The chunk's data and its CRLF.
-                while raw.len() < end.saturating_add(2)
-                    && body.len() + raw.len().saturating_sub(start) < max_body
-                {
-                    let n = read_some(stream, &mut chunk)?;
-                    if n == 0 {
-                        return Err("the connection closed inside a chunk".to_owned());
-                    }
-                    raw_total += n;
-                    raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
-                }
-                let data = raw.get(start..end.min(raw.len())).unwrap_or_default();
-                body.extend_from_slice(data);
-                if body.len() >= max_body {
-                    body.truncate(max_body);
-                    return Ok(body);
-                }
-                position = end + 2;
-            }
-            Ok(httparse::Status::Partial) => {
-                if pending.len() > MAX_CHUNK_LINE_BYTES {
-                    return Err("chunk-size line too long".to_owned());
-                }
-                let n = read_some(stream, &mut chunk)?;
-                if n == 0 {
-                    return Err("the connection closed inside a chunked body".to_owned());
-                }
-                raw_total += n;
-                raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            }
-            Err(_) => return Err("malformed chunk size".to_owned()),
-        }
-    }
-}
-
-/// Reads once; a TLS peer that closes without `close_notify` counts as the end.
-fn read_some(stream: &mut impl ReadWrite, buf: &mut [u8]) -> Result<usize, String> {
-    match stream.read(buf) {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err("timeout".to_owned()),
-        Err(e) => Err(format!("reading the answer failed: {e}")),
-    }
-}
-
-/// A byte stream both ways: the plain connection or TLS over it.
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
 
 /// `insecureSkipVerify` (test only): accepts any certificate, still checks the handshake
 /// signatures with the provider's algorithms.
