@@ -13,6 +13,7 @@
 //! - [`metrics`]: metric names and labels;
 //! - [`logging`]: log lines prefixed with the request id;
 //! - [`http1`]: HTTP/1.1 request encoding and answer parsing (the Traefik plugin's callouts);
+//! - [`webhook`]: LiveKit webhook verification (for delayed-leave delegation, not served yet);
 //! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio;
 //! - `http_wasm_plugin` (wasm32, feature `traefik`): the http-wasm adapter loaded by Traefik.
 //!
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod path;
 pub mod requests;
 pub mod response;
+pub mod webhook;
 
 #[cfg(all(target_arch = "wasm32", feature = "envoy"))]
 mod proxy_wasm_filter;

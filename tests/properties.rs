@@ -249,3 +249,18 @@ proptest! {
         let _ = http1_answer(raw, step, max_body);
     }
 }
+
+proptest! {
+    /// LiveKit webhook verification never panics and never accepts an unsigned or tampered
+    /// body: arbitrary headers and bodies are refused (none of them carry a valid signature).
+    #[test]
+    fn webhook_verification_refuses_arbitrary_input(
+        body in proptest::collection::vec(any::<u8>(), 0..300),
+        header in proptest::option::of("(Bearer )?[A-Za-z0-9._-]{0,200}"),
+        now in any::<u64>(),
+    ) {
+        let result = matrixrtc_livekit_auth::webhook::verify(
+            &body, header.as_deref(), "devkey", b"secret", now);
+        prop_assert!(result.is_err());
+    }
+}

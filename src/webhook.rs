@@ -1,0 +1,301 @@
+//! LiveKit webhooks (`POST /sfu_webhook`), the participant signals of delayed-leave delegation
+//! (MSC4140, issue #8): signature verification and the events the delayed-leave jobs use.
+//!
+//! LiveKit signs each webhook with an access token in the `Authorization` header: HS256 with
+//! the API secret, `iss` = API key, and a `sha256` claim holding the standard base64 of the
+//! SHA-256 of the request body (LiveKit server SDK `webhook.Receive`; lk-jwt-service verifies
+//! them the same way). Host-agnostic: the adapters pass the body, the header and the time.
+//!
+//! Status: the verification and event parsing are complete and tested; the delayed-leave jobs
+//! that consume them are not built yet, so no adapter serves `/sfu_webhook` (README "Status").
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+/// Seconds a webhook token's `nbf`/`exp` may be off (clock skew between LiveKit and the proxy).
+pub const LEEWAY_SECS: u64 = 60;
+
+/// Why a webhook was refused. None of them echo the token or the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookError {
+    /// No `Authorization` header.
+    MissingAuthorization,
+    /// Not an HS256 JWT signed with the API secret (or not a JWT at all).
+    BadSignature,
+    /// Signed, but `iss` is not the configured API key.
+    WrongIssuer,
+    /// Outside the token's `nbf`..`exp` (with [`LEEWAY_SECS`]).
+    Expired,
+    /// The `sha256` claim does not match the body: tampered or replayed with another body.
+    ChecksumMismatch,
+    /// The (authentic) body is not a LiveKit webhook event.
+    NotAnEvent,
+}
+
+impl std::fmt::Display for WebhookError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::MissingAuthorization => "no Authorization header",
+            Self::BadSignature => "not signed with the LiveKit API secret",
+            Self::WrongIssuer => "signed for another API key",
+            Self::Expired => "signature token expired or not yet valid",
+            Self::ChecksumMismatch => "body does not match the signed sha256",
+            Self::NotAnEvent => "body is not a LiveKit webhook event",
+        })
+    }
+}
+
+/// What the delayed-leave jobs learn from a webhook about a participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParticipantSignal {
+    /// `participant_joined`: connected to the SFU.
+    Joined,
+    /// `participant_left`: disconnected on purpose.
+    Left,
+    /// `participant_connection_aborted`: the connection broke.
+    ConnectionAborted,
+}
+
+/// A verified LiveKit webhook event: its `event` name and, when present, the LiveKit room name
+/// (the room alias this crate derives) and the participant identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvent {
+    /// `event`, e.g. `participant_joined`.
+    pub event: String,
+    /// `room.name`.
+    pub room: Option<String>,
+    /// `participant.identity`.
+    pub identity: Option<String>,
+}
+
+impl WebhookEvent {
+    /// The participant signal this event carries, `None` for the events jobs ignore.
+    pub fn signal(&self) -> Option<ParticipantSignal> {
+        match self.event.as_str() {
+            "participant_joined" => Some(ParticipantSignal::Joined),
+            "participant_left" => Some(ParticipantSignal::Left),
+            "participant_connection_aborted" => Some(ParticipantSignal::ConnectionAborted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    iss: String,
+    sha256: String,
+    #[serde(default)]
+    nbf: Option<u64>,
+    exp: u64,
+}
+
+#[derive(Deserialize)]
+struct Named {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    identity: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawEvent {
+    event: String,
+    #[serde(default)]
+    room: Option<Named>,
+    #[serde(default)]
+    participant: Option<Named>,
+}
+
+/// Verifies a LiveKit webhook and parses its event.
+///
+/// Takes the raw request `body`, the `Authorization` header value (the token, optionally
+/// after `Bearer `), the API key and secret, and the time in Unix seconds. Returns the event,
+/// or why the webhook is refused; the signature and checksum are checked before the body is
+/// parsed.
+pub fn verify(
+    body: &[u8],
+    authorization: Option<&str>,
+    api_key: &str,
+    api_secret: &[u8],
+    now: u64,
+) -> Result<WebhookEvent, WebhookError> {
+    crate::hs256::install();
+    let header = authorization
+        .ok_or(WebhookError::MissingAuthorization)?
+        .trim();
+    let token = header.strip_prefix("Bearer ").unwrap_or(header).trim();
+    let key = DecodingKey::from_secret(api_secret).map_err(|_| WebhookError::BadSignature)?;
+    let mut validation = Validation::new(Algorithm::HS256);
+    // Time is checked below against `now` (the host's clock), not the system clock.
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+        .map_err(|_| WebhookError::BadSignature)?
+        .claims;
+    if claims.iss != api_key {
+        return Err(WebhookError::WrongIssuer);
+    }
+    let not_before = claims.nbf.unwrap_or(0).saturating_sub(LEEWAY_SECS);
+    if now < not_before || now > claims.exp.saturating_add(LEEWAY_SECS) {
+        return Err(WebhookError::Expired);
+    }
+    let digest = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
+    if claims.sha256 != digest {
+        return Err(WebhookError::ChecksumMismatch);
+    }
+    let raw: RawEvent = serde_json::from_slice(body).map_err(|_| WebhookError::NotAnEvent)?;
+    Ok(WebhookEvent {
+        event: raw.event,
+        room: raw.room.and_then(|r| r.name),
+        identity: raw.participant.and_then(|p| p.identity),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"e2e-secret-0123456789abcdef0123456789abcdef";
+    /// Made with LiveKit's Python SDK (`AccessToken("devkey", SECRET).with_sha256(...)`) for
+    /// [`BODY`]: nbf 1795953668, exp 1795975268.
+    const LIVEKIT_TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzaGEyNTYiOiJDQ1M3S3ljUDBMMWZzUWJXRDY2VjZLK2hYOUdKaEpzN2F5OW9pZjM2R2t3PSIsInN1YiI6IiIsImlzcyI6ImRldmtleSIsIm5iZiI6MTc5NTk1MzY2OCwiZXhwIjoxNzk1OTc1MjY4fQ.tyM0BGwvp39EGAgy1QrOs0pocjnF7X6g5J8dXMy36-0";
+    const BODY: &[u8] = br#"{"event":"participant_left","room":{"sid":"RM_x","name":"TK4o8wNCXi5t5936bOvIzE/X3XFc7cgp3jGRDqK0j5E"},"participant":{"sid":"PA_y","identity":"@alice:example.org:DEVICE"},"id":"EV_1","createdAt":"1795950000"}"#;
+    const NOW: u64 = 1_795_960_000;
+
+    fn sign(claims: serde_json::Value, secret: &[u8]) -> String {
+        crate::hs256::install();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn sha(body: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body))
+    }
+
+    #[test]
+    fn livekits_own_webhook_token_is_accepted() {
+        let event = verify(BODY, Some(LIVEKIT_TOKEN), "devkey", SECRET, NOW).unwrap();
+        assert_eq!(event.signal(), Some(ParticipantSignal::Left));
+        assert_eq!(
+            event.room.as_deref(),
+            Some("TK4o8wNCXi5t5936bOvIzE/X3XFc7cgp3jGRDqK0j5E")
+        );
+        assert_eq!(event.identity.as_deref(), Some("@alice:example.org:DEVICE"));
+        let bearer = format!("Bearer {LIVEKIT_TOKEN}");
+        assert!(verify(BODY, Some(&bearer), "devkey", SECRET, NOW).is_ok());
+    }
+
+    #[test]
+    fn tampered_unsigned_foreign_and_stale_webhooks_are_refused() {
+        let tampered =
+            String::from_utf8_lossy(BODY).replace("participant_left", "participant_joined");
+        let refuse = |body: &[u8], auth: Option<&str>, key: &str, secret: &[u8], now: u64| {
+            verify(body, auth, key, secret, now).unwrap_err()
+        };
+        assert_eq!(
+            refuse(
+                tampered.as_bytes(),
+                Some(LIVEKIT_TOKEN),
+                "devkey",
+                SECRET,
+                NOW
+            ),
+            WebhookError::ChecksumMismatch
+        );
+        assert_eq!(
+            refuse(BODY, None, "devkey", SECRET, NOW),
+            WebhookError::MissingAuthorization
+        );
+        assert_eq!(
+            refuse(BODY, Some(LIVEKIT_TOKEN), "devkey", b"another-secret", NOW),
+            WebhookError::BadSignature
+        );
+        assert_eq!(
+            refuse(BODY, Some("not a jwt"), "devkey", SECRET, NOW),
+            WebhookError::BadSignature
+        );
+        assert_eq!(
+            refuse(BODY, Some(LIVEKIT_TOKEN), "otherkey", SECRET, NOW),
+            WebhookError::WrongIssuer
+        );
+        assert_eq!(
+            refuse(
+                BODY,
+                Some(LIVEKIT_TOKEN),
+                "devkey",
+                SECRET,
+                1_795_975_268 + 61
+            ),
+            WebhookError::Expired
+        );
+        assert_eq!(
+            refuse(
+                BODY,
+                Some(LIVEKIT_TOKEN),
+                "devkey",
+                SECRET,
+                1_795_953_668 - 61
+            ),
+            WebhookError::Expired
+        );
+    }
+
+    #[test]
+    fn other_algorithms_and_missing_claims_are_refused() {
+        // alg none, and a token without the sha256 claim.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJpc3MiOiJkZXZrZXkifQ.";
+        assert_eq!(
+            verify(BODY, Some(none), "devkey", SECRET, NOW).unwrap_err(),
+            WebhookError::BadSignature
+        );
+        let no_sha = sign(
+            serde_json::json!({"iss": "devkey", "exp": NOW + 60}),
+            SECRET,
+        );
+        assert_eq!(
+            verify(BODY, Some(&no_sha), "devkey", SECRET, NOW).unwrap_err(),
+            WebhookError::BadSignature
+        );
+    }
+
+    #[test]
+    fn signed_non_events_and_unknown_events() {
+        let body = b"[1,2,3]";
+        let token = sign(
+            serde_json::json!({"iss": "devkey", "exp": NOW + 60, "sha256": sha(body)}),
+            SECRET,
+        );
+        assert_eq!(
+            verify(body, Some(&token), "devkey", SECRET, NOW).unwrap_err(),
+            WebhookError::NotAnEvent
+        );
+        let body = br#"{"event":"room_started","room":{"name":"r"}}"#;
+        let token = sign(
+            serde_json::json!({"iss": "devkey", "exp": NOW + 60, "sha256": sha(body)}),
+            SECRET,
+        );
+        let event = verify(body, Some(&token), "devkey", SECRET, NOW).unwrap();
+        assert_eq!(event.signal(), None);
+        assert_eq!(event.identity, None);
+        for (name, signal) in [
+            ("participant_joined", ParticipantSignal::Joined),
+            (
+                "participant_connection_aborted",
+                ParticipantSignal::ConnectionAborted,
+            ),
+        ] {
+            let e = WebhookEvent {
+                event: name.to_owned(),
+                room: None,
+                identity: None,
+            };
+            assert_eq!(e.signal(), Some(signal));
+        }
+    }
+}
