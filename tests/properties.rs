@@ -264,3 +264,79 @@ proptest! {
         prop_assert!(result.is_err());
     }
 }
+
+fn job_input() -> impl Strategy<Value = matrixrtc_livekit_auth::delayed_leave::Input> {
+    use matrixrtc_livekit_auth::delayed_leave::Input;
+    use matrixrtc_livekit_auth::webhook::ParticipantSignal;
+    prop_oneof![
+        Just(Input::Tick),
+        Just(Input::Replaced),
+        prop_oneof![
+            Just(ParticipantSignal::Joined),
+            Just(ParticipantSignal::Left),
+            Just(ParticipantSignal::ConnectionAborted)
+        ]
+        .prop_map(Input::Participant),
+        proptest::option::of(any::<bool>()).prop_map(Input::Lookup),
+        (
+            proptest::option::of(prop_oneof![
+                Just(200u16),
+                Just(404),
+                Just(429),
+                Just(500),
+                100u16..600
+            ]),
+            proptest::option::of(0u64..100_000)
+        )
+            .prop_map(|(status, retry_after_ms)| Input::Homeserver {
+                status,
+                retry_after_ms
+            }),
+    ]
+}
+
+proptest! {
+    /// Delayed-leave jobs under any sequence of inputs: one homeserver callout and one lookup
+    /// in flight at most, answers only for callouts asked for, a finished job stays finished
+    /// and asks for nothing, and a wakeup is never in the past.
+    #[test]
+    fn delayed_leave_job_invariants(
+        steps in proptest::collection::vec((job_input(), 0u64..20_000), 1..60),
+        delay in 1u64..200_000,
+        sanity in prop_oneof![Just(0u64), 1u64..50_000],
+    ) {
+        use matrixrtc_livekit_auth::delayed_leave::{Action, Input, Job, State};
+        let mut job = Job::new(0, delay, sanity);
+        let (mut now, mut homeserver, mut lookup) = (0u64, false, false);
+        for (input, advance) in steps {
+            now += advance;
+            // Feed an answer only for a callout in flight, as a host would.
+            let input = match input {
+                Input::Homeserver { .. } if !homeserver => Input::Tick,
+                Input::Lookup(_) if !lookup => Input::Tick,
+                other => other,
+            };
+            match input {
+                Input::Homeserver { .. } => homeserver = false,
+                Input::Lookup(_) => lookup = false,
+                _ => {}
+            }
+            let finished_before = matches!(job.state(), State::Finished(_));
+            let actions = job.step(input, now);
+            for action in &actions {
+                match action {
+                    Action::Homeserver(_) => { prop_assert!(!homeserver); homeserver = true; }
+                    Action::LookupParticipant => { prop_assert!(!lookup); lookup = true; }
+                }
+            }
+            if finished_before {
+                prop_assert!(actions.is_empty());
+                prop_assert!(matches!(job.state(), State::Finished(_)));
+            }
+            // Whatever was due has been asked for: the next wakeup lies in the future.
+            if let Some(at) = job.next_wakeup() {
+                prop_assert!(at > now, "wakeup {} at now {}", at, now);
+            }
+        }
+    }
+}
