@@ -205,7 +205,8 @@ def main() -> int:
         r = request(native_port, "GET", PREFIX + "/a/b")
         assert r.status == 200
 
-        rss_before = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
+        rss_before = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid),
+                      "traefik_token": rss_mib(traefik_token.proc.pid)}
         results: dict[str, list] = {k: [] for k in ("strip_filter", "strip_native", "idle_filter",
                                                     "traefik_plugin", "traefik_native", "token_restricted",
                                                     "token_full", "one_round_trip", "traefik_token",
@@ -223,7 +224,8 @@ def main() -> int:
             # Traefik's native stripPrefix router proxies the POST to the instant upstream.
             results["traefik_round_trip"].append(wrk(traefik_native.port, PREFIX + "/get_token", True, work, 1))
             results["traefik_token"].append(wrk(traefik_token.port, PREFIX + "/get_token", True, work, 1))
-        rss_after = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid)}
+        rss_after = {"filter": rss_mib(with_filter.proc.pid), "native": rss_mib(native.proc.pid),
+                     "traefik_token": rss_mib(traefik_token.proc.pid)}
     finally:
         for p in proxies:
             p.stop()
@@ -269,6 +271,9 @@ def main() -> int:
     print(f"  Envoy RSS without filter after warm-up {rss_before['native']:.1f} MiB, after load {rss_after['native']:.1f} MiB")
     growth = rss_after["filter"] - rss_before["filter"]
     print(f"  growth with filter {growth:+.1f} MiB  (target: no growth beyond noise, ≤ 2 MiB: {'met' if growth <= 2 else 'MISSED'})")
+    tgrowth = rss_after["traefik_token"] - rss_before["traefik_token"]
+    print(f"  Traefik RSS with the token service after warm-up {rss_before['traefik_token']:.1f} MiB, "
+          f"after {ROUNDS} rounds of token load {rss_after['traefik_token']:.1f} MiB ({tgrowth:+.1f} MiB)")
     return 0
 
 

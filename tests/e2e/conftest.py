@@ -107,7 +107,7 @@ PROXIES = ["envoy", "traefik"]
 
 
 def start_proxy(kind: str, workdir, plugin_config: dict, upstream_port: int, ca: TestCA, *,
-                trust: str = "ca"):
+                trust: str = "ca", quiet: bool = False):
     """The proxy `kind` ("envoy" or "traefik") with the plugin and `plugin_config`, not yet
     started (use as a context manager). `trust`: which certificates callouts accept: "ca" (the
     system roots and the test CA: Envoy's callout clusters trust it, Traefik gets `caFile`
@@ -115,7 +115,8 @@ def start_proxy(kind: str, workdir, plugin_config: dict, upstream_port: int, ca:
     cluster exists; both: only with `insecureSkipVerify` in the plugin configuration)."""
     if kind == "envoy":
         return Envoy(workdir, plugin_config, upstream_port=upstream_port, ca=ca,
-                     tls_mode={"ca": "ca", "system": "system", "insecure": "insecure"}[trust])
+                     tls_mode={"ca": "ca", "system": "system", "insecure": "insecure"}[trust],
+                     log_level="warning" if quiet else "info")
     config = dict(plugin_config)
     mounts = []
     if trust == "ca":
@@ -123,7 +124,7 @@ def start_proxy(kind: str, workdir, plugin_config: dict, upstream_port: int, ca:
         mounts.append(str(ca.ca_pem.parent))
     return Traefik(workdir, config, upstream_port=upstream_port, mounts=mounts,
                    env={"LIVEKIT_SECRET": LIVEKIT_SECRET, "LIVEKIT_KEY": LIVEKIT_KEY},
-                   serialize="livekitUrl" in config)
+                   serialize="livekitUrl" in config, log_level="WARN" if quiet else "DEBUG")
 
 
 @pytest.fixture(scope="module", params=PROXIES)
