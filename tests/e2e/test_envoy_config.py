@@ -38,6 +38,8 @@ BAD = [
     ("missing secret", {"livekitSecretEnv": None}, "livekitSecret: required when livekitUrl is set"),
     ("empty full access", {"fullAccessHomeservers": []}, "fullAccessHomeservers: must not be empty"),
     ("bad prefix", {"stripPrefixes": ["/"]}, "stripPrefixes[0]: `/` alone is not a prefix"),
+    ("Traefik-only key", {"caFile": "/etc/ca.pem"}, "caFile: only used by the Traefik plugin"),
+    ("Traefik-only dnsServer", {"dnsServer": "127.0.0.1:53"}, "dnsServer: only used by the Traefik plugin"),
 ]
 
 
