@@ -200,3 +200,25 @@ fn refuses_invalid_input_with_a_clear_message() {
     let (code, _, err) = run(&[], &["--bogus"]);
     assert_eq!((code, err.contains("usage")), (2, true));
 }
+
+#[test]
+fn internal_full_access_homeserver_gets_a_note() {
+    let (code, _out, err) = run(
+        &[
+            ("LIVEKIT_URL", "ws://127.0.0.1:7880"),
+            ("LIVEKIT_KEY", "devkey"),
+            ("LIVEKIT_SECRET", "s3cret-value"),
+            (
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS",
+                "matrix.localhost example.org",
+            ),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("note: matrix.localhost: an internal name or address"),
+        "{err}"
+    );
+    assert!(!err.contains("note: example.org"), "{err}");
+}

@@ -94,6 +94,17 @@ fn read_environment() -> Result<Migration, String> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
+    for name in &full_access {
+        let internal = matrixrtc_livekit_auth::matrix::ServerName::parse(name)
+            .is_ok_and(|server| matrixrtc_livekit_auth::discovery::is_internal(&server.host));
+        if internal {
+            notes.push(format!(
+                "{name}: an internal name or address; the plugin refuses to call it unless you add \
+                 allowPrivateAddresses: true or a homeservers override for it (README \"Which \
+                 homeservers may be called\")"
+            ));
+        }
+    }
     let insecure = match var("LIVEKIT_INSECURE_SKIP_VERIFY_TLS").as_deref() {
         Some("YES_I_KNOW_WHAT_I_AM_DOING") => {
             notes.push("LIVEKIT_INSECURE_SKIP_VERIFY_TLS: mapped to insecureSkipVerify (TEST ONLY; needs the insecure Envoy cluster, see README)".into());
@@ -237,6 +248,8 @@ fn run() -> Result<(), String> {
          # valid YAML), behind the three middlewares README \"Traefik\" requires (one token\n\
          # request at a time). Put LIVEKIT_KEY and LIVEKIT_SECRET in Traefik's environment and list them\n\
          # in the plugin's settings.envs; see traefik/dynamic-token-service.yml for the router.\n\
+         # Traefik runs one token request at a time: also set allowedHomeservers (the servers\n\
+         # you serve) and a short calloutTimeoutMs (1000-2000) in the options below.\n\
          http:\n  middlewares:\n    matrixrtc-buffer:\n      buffering:\n        maxRequestBodyBytes: 1048576\n    matrixrtc-lock-key:\n      headers:\n        customRequestHeaders:\n          X-Matrixrtc-Lock: \"1\"\n    matrixrtc-one-at-a-time:\n      inFlightReq:\n        amount: 1\n        sourceCriterion:\n          requestHeaderName: X-Matrixrtc-Lock\n    matrixrtc-token:\n      plugin:\n        matrixrtc:\n{}  # router: middlewares: [matrixrtc-buffer, matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]",
         indent(&json, 10)
     );
