@@ -201,3 +201,41 @@ def test_slow_request_body_does_not_hold_the_slot(workdir, ca, homeserver, sfu, 
         finally:
             stop.set()
             dripper.join()
+
+
+def test_lk_jwt_migrate_traefik_output_serves_tokens(workdir, ca, homeserver, sfu, upstream):
+    """The Traefik part of `lk-jwt-migrate`'s output, used as it is (plus a router, as its
+    comment says, and the test's homeserver and CA), runs in real Traefik: the one-at-a-time
+    chain is in place and a token is issued. (`cargo test` builds the binary before these
+    tests run in scripts/test.sh.)"""
+    import subprocess
+
+    import yaml
+
+    from checks import assert_client_token, get_token_body, identity, new_token, post_json, room_alias
+    from harness import LIVEKIT_KEY, LIVEKIT_SECRET, ROOT, free_port
+
+    binary = ROOT / "target" / "debug" / "lk-jwt-migrate"
+    if not binary.exists():
+        pytest.skip("target/debug/lk-jwt-migrate not built (cargo test builds it)")
+    out = subprocess.run([str(binary), "--prefix", PREFIX], capture_output=True, text=True, check=True, env={
+        "LIVEKIT_URL": f"ws://127.0.0.1:{sfu.port}", "LIVEKIT_KEY": LIVEKIT_KEY,
+        "LIVEKIT_SECRET": LIVEKIT_SECRET, "LIVEKIT_FULL_ACCESS_HOMESERVERS": "example.org",
+    }).stdout
+    dynamic = yaml.safe_load(out[out.index("# Traefik"):])
+    chain = ["matrixrtc-buffer", "matrixrtc-lock-key", "matrixrtc-one-at-a-time", "matrixrtc-token"]
+    assert f"router: middlewares: [{', '.join(chain)}]" in out
+    plugin = dynamic["http"]["middlewares"]["matrixrtc-token"]["plugin"]["matrixrtc"]
+    plugin.update(homeservers={"example.org": f"https://localhost:{homeserver.port}"}, caFile=str(ca.ca_pem))
+    dynamic["http"]["routers"] = {"token": {"rule": f"PathPrefix(`{PREFIX}`)", "entryPoints": ["web"],
+                                            "middlewares": chain, "service": "up"}}
+    dynamic["http"]["services"] = {"up": {"loadBalancer": {"servers": [{"url": f"http://127.0.0.1:{upstream.port}"}]}}}
+    path = workdir / f"migrated-{free_port()}.yml"
+    path.write_text(yaml.safe_dump(dynamic))
+    token = new_token()
+    homeserver.tokens[token] = "@alice:example.org"
+    with Traefik(workdir, None, upstream_port=upstream.port, dynamic_file=path, mounts=[str(ca.ca_pem.parent)],
+                 env={"LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": LIVEKIT_SECRET}) as t:
+        r = post_json(t.port, PREFIX + "/get_token", get_token_body(token))
+        assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}", room=room_alias("!room:example.org"),
+                            identity=identity("@alice:example.org", "DEVICE", "member-1"), full_access=True)
