@@ -13,8 +13,9 @@
 //! - [`metrics`]: metric names and labels;
 //! - [`logging`]: log lines prefixed with the request id;
 //! - [`http1`]: HTTP/1.1 request encoding and answer parsing (the Traefik plugin's callouts);
-//! - [`webhook`], [`delayed_leave`]: LiveKit webhook verification and the delayed-leave job
-//!   state machine (MSC4140 delegation; not served by the adapters yet);
+//! - [`webhook`], [`delayed_leave`], [`client_discovery`]: LiveKit webhook verification, the
+//!   delayed-leave job state machine and Client-Server API discovery (MSC4140 delegation; not
+//!   served by the adapters yet);
 //! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio;
 //! - `http_wasm_plugin` (wasm32, feature `traefik`): the http-wasm adapter loaded by Traefik.
 //!
@@ -22,6 +23,7 @@
 //! indexing outside tests (see `Cargo.toml`), because a panic in a host callback kills the
 //! proxy's wasm VM and fails every later request.
 
+pub mod client_discovery;
 pub mod config;
 pub mod delayed_leave;
 pub mod discovery;
