@@ -54,6 +54,15 @@ def assert_matrix_error(r: Response, status: int, errcode: str, error: str | Non
     assert_cors_once(r)
 
 
+def assert_standard_token(r: Response, sfu_port: int, *, user: str = "@alice:example.org",
+                          room_id: str = "!room:example.org", full_access: bool = True) -> dict:
+    """The token answer for `get_token_body`'s defaults (device DEVICE, member member-1) of
+    `user` in `room_id`, with the standard configuration's SFU URL. Returns the claims."""
+    __tracebackhide__ = True
+    return assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu_port}", room=room_alias(room_id),
+                               identity=identity(user, "DEVICE", "member-1"), full_access=full_access)
+
+
 def assert_client_token(r: Response, *, livekit_url: str, room: str, identity: str,
                         full_access: bool, lifetime: int = 3600) -> dict:
     """A 200 token answer whose JWT LiveKit's own verifier accepts, with exactly the grants of

@@ -225,8 +225,9 @@ def test_allow_list(proxy_kind, workdir, ca, homeserver, sfu, upstream, dns, wel
         200, json.dumps({"m.server": f"hs.example.test:{homeserver.port}"}).encode(), {})
     cfg = discovery_config(homeserver, sfu, allowedHomeservers=["*.example.test"])
     with discovery_proxy(proxy_kind, workdir, cfg, upstream, ca, dns) as e:
-        _, _, r = exchange(e, homeserver, "deleg.example.test")
-        assert r.status == 200, r.body
+        _, user, r = exchange(e, homeserver, "deleg.example.test")
+        assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}", room=room_alias("!room:example.org"),
+                            identity=identity(user, "DEVICE", "member-1"), full_access=True)
         token, _, r = exchange(e, homeserver, "example.org")
         assert_matrix_error(r, 401, "M_UNAUTHORIZED")
         assert homeserver.userinfo_calls(token) == []

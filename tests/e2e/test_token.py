@@ -13,8 +13,9 @@ import urllib.parse
 
 import pytest
 
-from checks import (assert_client_token, assert_cors_once, assert_matrix_error, get_token_body,
-                    identity, new_token, post_json, room_alias, sfu_get_body)
+from checks import (assert_client_token, assert_cors_once, assert_matrix_error,
+                    assert_standard_token, get_token_body, identity, new_token, post_json, room_alias,
+                    sfu_get_body)
 from conftest import PREFIX, standard_config
 from harness import CREATE_ROOM, USERINFO_PATH, Envoy, request, wait_for_log
 
@@ -57,7 +58,7 @@ def test_double_slash_token_path(proxy, homeserver, sfu, upstream):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
     r = post_json(proxy.port, PREFIX + "//get_token", get_token_body(token))
-    assert r.status == 200, r.body
+    assert_standard_token(r, sfu.port)
     assert upstream.recorded() == []
 
 
@@ -410,7 +411,7 @@ def test_homeserver_reset_after_headers_then_next_request_works(proxy, homeserve
     ok = new_token()
     homeserver.tokens[ok] = "@alice:example.org"
     r = post_json(proxy.port, GET_TOKEN, get_token_body(ok))
-    assert r.status == 200, "the VM is alive after the failure"
+    assert_standard_token(r, sfu.port)  # the VM is alive after the failure
 
 
 @pytest.mark.parametrize("answer", [
@@ -441,7 +442,7 @@ def test_chunked_userinfo_answer_is_read(proxy, homeserver, sfu):
     token = new_token()
     homeserver.tokens[token] = CHUNKED_HEAD + chunked(b'{"sub": "@alice:example.org"}', 5, b";x=1")
     r = post_json(proxy.port, GET_TOKEN, get_token_body(token))
-    assert r.status == 200, r.body
+    assert_standard_token(r, sfu.port)
 
 
 def test_chunk_framing_flood_is_bounded(proxy_kind, proxy, homeserver, sfu):
@@ -457,11 +458,11 @@ def test_chunk_framing_flood_is_bounded(proxy_kind, proxy, homeserver, sfu):
         assert_matrix_error(r, 401, "M_UNAUTHORIZED")
         wait_for_log(proxy, "chunk-size line too long")
     else:
-        assert r.status == 200, r.body
+        assert_standard_token(r, sfu.port)
     assert r.elapsed < 1.4, r.elapsed
     ok = new_token()
     homeserver.tokens[ok] = "@alice:example.org"
-    assert post_json(proxy.port, GET_TOKEN, get_token_body(ok)).status == 200
+    assert_standard_token(post_json(proxy.port, GET_TOKEN, get_token_body(ok)), sfu.port)
 
 
 def test_unreachable_homeserver_is_401(make_proxy, homeserver, sfu):
@@ -563,10 +564,10 @@ def test_log_level_from_configuration(make_proxy, homeserver, sfu):
     token = new_token()
     homeserver.tokens[token] = "@alice:example.org"
     with make_proxy(standard_config(homeserver, sfu)) as e:
-        assert post_json(e.port, GET_TOKEN, get_token_body(token)).status == 200
+        assert_standard_token(post_json(e.port, GET_TOKEN, get_token_body(token)), sfu.port)
         assert "reading the body" not in e.log(), "debug lines are off by default"
     with make_proxy(standard_config(homeserver, sfu, logLevel="debug")) as e:
-        assert post_json(e.port, GET_TOKEN, get_token_body(token)).status == 200
+        assert_standard_token(post_json(e.port, GET_TOKEN, get_token_body(token)), sfu.port)
         wait_for_log(e, "reading the body")
     with make_proxy(standard_config(homeserver, sfu, logLevel="error")) as e:
         assert post_json(e.port, GET_TOKEN, get_token_body(new_token())).status == 401

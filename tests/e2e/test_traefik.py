@@ -176,7 +176,7 @@ def test_slow_request_body_does_not_hold_the_slot(workdir, ca, homeserver, sfu, 
     import socket
     import threading
 
-    from checks import get_token_body, new_token, post_json
+    from checks import assert_standard_token, get_token_body, new_token, post_json
     from conftest import standard_config, start_proxy
 
     with start_proxy("traefik", workdir, standard_config(homeserver, sfu), upstream.port, ca) as t:
@@ -197,7 +197,7 @@ def test_slow_request_body_does_not_hold_the_slot(workdir, ca, homeserver, sfu, 
                 token = new_token()
                 homeserver.tokens[token] = "@alice:example.org"
                 r = post_json(t.port, PREFIX + "/get_token", get_token_body(token))
-                assert r.status == 200, (r.status, r.body)
+                assert_standard_token(r, sfu.port)
         finally:
             stop.set()
             dripper.join()
