@@ -208,6 +208,48 @@ impl DiscoveryCache for NoCache {
     fn put(&self, _: &str, _: &CachedDelegation) {}
 }
 
+/// A cache in the memory of one instance (the Traefik plugin: http-wasm has no shared data
+/// between instances), holding at most `capacity` server names; when full, a new name empties
+/// it first, so clients cannot grow it by sending many names.
+pub struct MemoryCache {
+    capacity: usize,
+    entries: std::cell::RefCell<std::collections::HashMap<String, CachedDelegation>>,
+}
+
+impl MemoryCache {
+    /// An empty cache for at most `capacity` server names.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: std::cell::RefCell::default(),
+        }
+    }
+
+    /// How many server names it holds.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+
+    /// `true` when it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.borrow().is_empty()
+    }
+}
+
+impl DiscoveryCache for MemoryCache {
+    fn get(&self, server_name: &str) -> Option<CachedDelegation> {
+        self.entries.borrow().get(server_name).cloned()
+    }
+
+    fn put(&self, server_name: &str, entry: &CachedDelegation) {
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= self.capacity && !entries.contains_key(server_name) {
+            entries.clear();
+        }
+        entries.insert(server_name.to_owned(), entry.clone());
+    }
+}
+
 /// What to do for a server name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -366,19 +408,7 @@ fn max_age(cache_control: Option<&str>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::{BTreeMap, HashMap};
-
-    #[derive(Default)]
-    struct MapCache(RefCell<HashMap<String, CachedDelegation>>);
-    impl DiscoveryCache for MapCache {
-        fn get(&self, s: &str) -> Option<CachedDelegation> {
-            self.0.borrow().get(s).cloned()
-        }
-        fn put(&self, s: &str, e: &CachedDelegation) {
-            self.0.borrow_mut().insert(s.to_owned(), e.clone());
-        }
-    }
+    use std::collections::BTreeMap;
 
     fn open() -> HomeserverPolicy {
         HomeserverPolicy::default()
@@ -386,6 +416,23 @@ mod tests {
 
     fn direct(authority: &str) -> Plan {
         Plan::Direct(tls_upstream(authority.to_owned()))
+    }
+
+    #[test]
+    fn memory_cache_is_bounded() {
+        let cache = MemoryCache::new(2);
+        let entry = CachedDelegation {
+            authority: None,
+            expires_at: 1,
+        };
+        cache.put("a.example", &entry);
+        cache.put("b.example", &entry);
+        cache.put("a.example", &entry);
+        assert_eq!(cache.len(), 2, "updating a held name does not evict");
+        cache.put("c.example", &entry);
+        assert_eq!(cache.len(), 1, "a new name beyond capacity starts over");
+        assert_eq!(cache.get("c.example"), Some(entry));
+        assert!(cache.get("a.example").is_none());
     }
 
     #[test]
@@ -465,7 +512,7 @@ mod tests {
 
     #[test]
     fn well_known_delegation_and_cache() {
-        let cache = MapCache::default();
+        let cache = MemoryCache::new(64);
         let none = BTreeMap::new();
         let d = discovered(
             "example.org",
@@ -484,7 +531,7 @@ mod tests {
             Ok(direct("matrix.example.org:443"))
         );
         // A cached target is checked against the current policy (the cache is shared).
-        let strict_cache = MapCache::default();
+        let strict_cache = MemoryCache::new(64);
         strict_cache.put(
             "example.net",
             &CachedDelegation {

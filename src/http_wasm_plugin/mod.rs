@@ -10,15 +10,13 @@
 
 pub mod transport;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http_wasm_guest::host::{admin, Request, Response};
 use http_wasm_guest::Guest;
 
 use crate::config::{self, Host, Settings};
-use crate::discovery::{CachedDelegation, DiscoveryCache};
+use crate::discovery::MemoryCache;
 use crate::exchange::{self, CalloutResult, Decision, Step, TokenExchange, MAX_REQUEST_BODY_BYTES};
 use crate::logging::{self, loggable_request_id, set_request_id};
 use crate::matrix::MatrixError;
@@ -82,7 +80,7 @@ pub fn register() {
             http_wasm_guest::register(Plugin {
                 settings,
                 transport,
-                cache: InstanceCache::default(),
+                cache: MemoryCache::new(CACHE_ENTRIES),
             });
         }
         Err(e) => {
@@ -95,7 +93,8 @@ pub fn register() {
 struct Plugin {
     settings: Settings,
     transport: Option<Transport>,
-    cache: InstanceCache,
+    /// `.well-known` results of this instance (http-wasm has no shared data).
+    cache: MemoryCache,
 }
 
 fn respond(response: &Response, r: &LocalResponse) -> (bool, i32) {
@@ -207,24 +206,5 @@ impl Guest for Plugin {
                 respond(response, &answer)
             }
         }
-    }
-}
-
-/// `.well-known` results of one plugin instance (http-wasm has no shared data between
-/// instances). Bounded by [`CACHE_ENTRIES`].
-#[derive(Default)]
-struct InstanceCache(RefCell<HashMap<String, CachedDelegation>>);
-
-impl DiscoveryCache for InstanceCache {
-    fn get(&self, server_name: &str) -> Option<CachedDelegation> {
-        self.0.borrow().get(server_name).cloned()
-    }
-
-    fn put(&self, server_name: &str, entry: &CachedDelegation) {
-        let mut map = self.0.borrow_mut();
-        if map.len() >= CACHE_ENTRIES && !map.contains_key(server_name) {
-            map.clear();
-        }
-        map.insert(server_name.to_owned(), entry.clone());
     }
 }
