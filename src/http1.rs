@@ -159,63 +159,49 @@ fn read_chunked(
     max_body: usize,
 ) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut position = 0usize;
+    // `raw` always starts at the next chunk-size line: consumed chunks are drained.
     let mut raw_total = raw.len();
     let raw_limit = max_body.saturating_add(16 * 1024);
-    loop {
-        if position > 0 {
-            raw.drain(..position.min(raw.len()));
-            position = 0;
+    let mut pull = |raw: &mut Vec<u8>, closed: &str| -> Result<(), String> {
+        let mut chunk = [0u8; 4096];
+        let n = read_some(stream, &mut chunk)?;
+        if n == 0 {
+            return Err(closed.to_owned());
         }
+        raw_total += n;
         if raw_total > raw_limit {
             return Err("chunked answer with too much framing".to_owned());
         }
-        let pending = raw.get(position..).unwrap_or_default();
-        match httparse::parse_chunk_size(pending) {
-            Ok(httparse::Status::Complete((header_len, _)))
-                if header_len > MAX_CHUNK_LINE_BYTES =>
-            {
+        raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        Ok(())
+    };
+    loop {
+        match httparse::parse_chunk_size(&raw) {
+            Ok(httparse::Status::Complete((line, _))) if line > MAX_CHUNK_LINE_BYTES => {
                 return Err("chunk-size line too long".to_owned());
             }
-            Ok(httparse::Status::Complete((header_len, size))) => {
-                if size == 0 {
-                    return Ok(body);
-                }
+            Ok(httparse::Status::Complete((_, 0))) => return Ok(body),
+            Ok(httparse::Status::Complete((line, size))) => {
                 let size = usize::try_from(size).map_err(|_| "chunk too large".to_owned())?;
-                let start = position + header_len;
-                let end = start.saturating_add(size);
+                let end = line.saturating_add(size);
                 // The chunk's data and its CRLF, or as much data as completes the body.
-                loop {
-                    let have = raw.len().min(end).saturating_sub(start);
-                    if raw.len() >= end.saturating_add(2) || body.len() + have >= max_body {
-                        break;
-                    }
-                    let n = read_some(stream, &mut chunk)?;
-                    if n == 0 {
-                        return Err("the connection closed inside a chunk".to_owned());
-                    }
-                    raw_total += n;
-                    raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                while raw.len() < end.saturating_add(2)
+                    && body.len() + raw.len().min(end).saturating_sub(line) < max_body
+                {
+                    pull(&mut raw, "the connection closed inside a chunk")?;
                 }
-                let data = raw.get(start..end.min(raw.len())).unwrap_or_default();
-                body.extend_from_slice(data);
+                body.extend_from_slice(raw.get(line..end.min(raw.len())).unwrap_or_default());
                 if body.len() >= max_body {
                     body.truncate(max_body);
                     return Ok(body);
                 }
-                position = end + 2;
+                raw.drain(..end.saturating_add(2).min(raw.len()));
+            }
+            Ok(httparse::Status::Partial) if raw.len() > MAX_CHUNK_LINE_BYTES => {
+                return Err("chunk-size line too long".to_owned());
             }
             Ok(httparse::Status::Partial) => {
-                if pending.len() > MAX_CHUNK_LINE_BYTES {
-                    return Err("chunk-size line too long".to_owned());
-                }
-                let n = read_some(stream, &mut chunk)?;
-                if n == 0 {
-                    return Err("the connection closed inside a chunked body".to_owned());
-                }
-                raw_total += n;
-                raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                pull(&mut raw, "the connection closed inside a chunked body")?;
             }
             Err(_) => return Err("malformed chunk size".to_owned()),
         }
