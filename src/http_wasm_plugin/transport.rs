@@ -195,13 +195,11 @@ fn lookup_a(
         rdata::RData, Name, Packet, PacketFlag, Question, CLASS, QCLASS, QTYPE, TYPE,
     };
     let failed = |e: &dyn std::fmt::Display| format!("cannot resolve {host} with {server}: {e}");
-    let id = u16::try_from(
-        SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() & 0xffff)
-            .unwrap_or(0),
-    )
-    .unwrap_or(0);
+    // Any id will do over TCP to a configured server; the answer must echo it.
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let id = (nanos & 0xffff) as u16;
     let mut query = Packet::new_query(id);
     query.set_flags(PacketFlag::RECURSION_DESIRED);
     let name = Name::new(host).map_err(|e| failed(&e))?;
