@@ -1,9 +1,23 @@
 //! Client-Server API discovery for delayed-leave delegation (issue #8): where a user's
 //! homeserver serves the Client-Server API, from `https://<server name>/.well-known/matrix/client`
 //! (Matrix spec, Client-Server API "Server Discovery": `m.homeserver.base_url`). The delayed
-//! event restart/send calls go there. Host-agnostic; no adapter calls it yet (README "Status").
+//! event restart/send calls go there. Host-agnostic: [`plan`] says whether a `.well-known`
+//! callout is needed, [`discovered`] reads its answer.
+//!
+//! Configured `csApiUrls` always win (lk-jwt-service's overrides); found base URLs are cached
+//! for [`CACHE_TTL_SECS`] (lk-jwt-service: 4 hours) in the same [`DiscoveryCache`] as
+//! federation discovery, under a key no server name can collide with. Only users of
+//! full-access homeservers get here, so the operator's homeserver policy is not applied to
+//! the base URL (a full-access homeserver may well be internal).
+
+use std::collections::BTreeMap;
 
 use crate::config::Upstream;
+use crate::discovery::{CachedDelegation, DiscoveryCache};
+use crate::matrix::ServerName;
+
+/// How long a discovered Client-Server API base URL is cached, in seconds.
+pub const CACHE_TTL_SECS: u64 = 4 * 3600;
 
 /// Path of the client `.well-known` document.
 pub const CLIENT_WELL_KNOWN_PATH: &str = "/.well-known/matrix/client";
@@ -63,9 +77,124 @@ pub fn parse_client_well_known(
     Upstream::parse(trimmed, false).map_err(ClientDiscoveryError::BadBaseUrl)
 }
 
+/// Where the Client-Server API of a server name is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientPlan {
+    /// Known (override or cache): the base.
+    Known(Upstream),
+    /// Fetch [`CLIENT_WELL_KNOWN_PATH`] from this upstream (`https://<server name>`) first.
+    WellKnown(Upstream),
+}
+
+/// The cache key of `server_name`'s Client-Server API base (a space never occurs in a
+/// server name, so it cannot collide with a federation discovery entry).
+fn cache_key(server_name: &str) -> String {
+    format!("cs-api {server_name}")
+}
+
+/// Decides how to find the Client-Server API of `server_name`: the `overrides`
+/// (`csApiUrls`), a fresh `cache` entry (`now` in Unix seconds), or a `.well-known` callout.
+///
+/// # Errors
+/// [`ClientDiscoveryError::BadBaseUrl`] when `server_name` is not a valid server name.
+pub fn plan(
+    server_name: &str,
+    overrides: &BTreeMap<String, Upstream>,
+    cache: &dyn DiscoveryCache,
+    now: u64,
+) -> Result<ClientPlan, ClientDiscoveryError> {
+    if let Some(upstream) = overrides.get(server_name) {
+        return Ok(ClientPlan::Known(upstream.clone()));
+    }
+    let cached = cache
+        .get(&cache_key(server_name))
+        .filter(|e| e.expires_at > now)
+        .and_then(|e| e.authority)
+        .and_then(|url| Upstream::parse(&url, false).ok());
+    if let Some(upstream) = cached {
+        return Ok(ClientPlan::Known(upstream));
+    }
+    let name = ServerName::parse(server_name).map_err(ClientDiscoveryError::BadBaseUrl)?;
+    Ok(ClientPlan::WellKnown(Upstream {
+        tls: true,
+        authority: format!("{}:{}", name.host_for_authority(), name.port.unwrap_or(443)),
+        base_path: String::new(),
+    }))
+}
+
+/// Reads the `.well-known/matrix/client` answer for `server_name` ([`parse_client_well_known`])
+/// and caches the base found until `now` + [`CACHE_TTL_SECS`]. Failures are not cached.
+///
+/// # Errors
+/// As [`parse_client_well_known`].
+pub fn discovered(
+    server_name: &str,
+    status: Option<u16>,
+    body: &[u8],
+    cache: &dyn DiscoveryCache,
+    now: u64,
+) -> Result<Upstream, ClientDiscoveryError> {
+    let upstream = parse_client_well_known(status, body)?;
+    let url = format!(
+        "{}://{}{}",
+        if upstream.tls { "https" } else { "http" },
+        upstream.authority,
+        upstream.base_path
+    );
+    cache.put(
+        &cache_key(server_name),
+        &CachedDelegation {
+            authority: Some(url),
+            expires_at: now.saturating_add(CACHE_TTL_SECS),
+        },
+    );
+    Ok(upstream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::MemoryCache;
+
+    #[test]
+    fn overrides_then_cache_then_well_known() {
+        let cache = MemoryCache::new(8);
+        let mut overrides = BTreeMap::new();
+        overrides.insert(
+            "a.example".to_owned(),
+            Upstream::parse("http://127.0.0.1:8008/cs", false).unwrap(),
+        );
+        assert_eq!(
+            plan("a.example", &overrides, &cache, 0),
+            Ok(ClientPlan::Known(Upstream {
+                tls: false,
+                authority: "127.0.0.1:8008".into(),
+                base_path: "/cs".into()
+            }))
+        );
+        let well_known = plan("b.example:8448", &overrides, &cache, 0).unwrap();
+        let ClientPlan::WellKnown(up) = well_known else {
+            panic!("{well_known:?}")
+        };
+        assert_eq!((up.tls, up.authority.as_str()), (true, "b.example:8448"));
+        let body = br#"{"m.homeserver":{"base_url":"https://matrix.b.example/base/"}}"#;
+        let found = discovered("b.example:8448", Some(200), body, &cache, 100).unwrap();
+        assert_eq!(found.base_path, "/base");
+        assert_eq!(
+            plan("b.example:8448", &overrides, &cache, 101),
+            Ok(ClientPlan::Known(found))
+        );
+        // Stale after the TTL; a federation entry for the same name is another key.
+        assert!(matches!(
+            plan("b.example:8448", &overrides, &cache, 100 + CACHE_TTL_SECS),
+            Ok(ClientPlan::WellKnown(_))
+        ));
+        assert_eq!(cache.get("b.example:8448"), None);
+        // Failures are not cached.
+        assert!(discovered("c.example", Some(404), b"", &cache, 0).is_err());
+        assert_eq!(cache.len(), 1);
+        assert!(plan("not a name", &overrides, &cache, 0).is_err());
+    }
 
     #[test]
     fn base_url_with_and_without_path() {

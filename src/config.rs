@@ -29,6 +29,10 @@ pub const DEFAULT_ENVOY_LIVEKIT_CLUSTER: &str = "matrixrtc_livekit";
 /// Default lifetime of a LiveKit access token, in seconds (lk-jwt-service: one hour).
 pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3_600;
 
+/// Default `sanityCheckIntervalSecs`: how often a connected delayed-leave participant is
+/// looked up on the SFU, in case its `participant_left` webhook never arrives.
+pub const DEFAULT_SANITY_CHECK_INTERVAL_SECS: u64 = 30;
+
 /// The plugin configuration exactly as written by the operator (wire names in camelCase).
 ///
 /// Every key is optional at this level; [`Settings::from_json`] decides what is required.
@@ -56,6 +60,8 @@ struct RawConfig {
     envoy_insecure_tls_cluster: Option<String>,
     ca_file: Option<String>,
     dns_server: Option<String>,
+    cs_api_urls: Option<BTreeMap<String, String>>,
+    sanity_check_interval_secs: Option<u64>,
 }
 
 /// Why a plugin configuration was refused: the key at fault and the reason.
@@ -115,7 +121,7 @@ impl fmt::Debug for Secret {
 }
 
 /// An HTTP(S) base URL a callout goes to, split the way a proxy needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Upstream {
     /// `true` for `https` (and `wss`), `false` for `http` (and `ws`).
     pub tls: bool,
@@ -269,6 +275,13 @@ pub struct TokenService {
     /// resolves the names callouts go to, instead of Traefik's resolver. The Envoy build
     /// refuses it: there, the dynamic forward proxy clusters' `dns_resolvers` decide.
     pub dns_server: Option<std::net::SocketAddrV4>,
+    /// `csApiUrls`: per server name base URL of the Client-Server API, used by delayed-leave
+    /// delegation instead of `.well-known/matrix/client` discovery (lk-jwt-service's CS API
+    /// URL overrides).
+    pub cs_api_urls: BTreeMap<String, Upstream>,
+    /// `sanityCheckIntervalSecs`: period of the SFU participant lookup while a delayed-leave
+    /// job's participant is connected, in milliseconds here (0: no periodic lookup).
+    pub sanity_check_interval_ms: u64,
 }
 
 /// The validated plugin configuration shared by every request.
@@ -337,7 +350,7 @@ impl Settings {
 }
 
 /// The keys of the plugin configuration, as written by operators.
-const KEYS: [&str; 21] = [
+const KEYS: [&str; 23] = [
     "stripPrefixes",
     "logLevel",
     "livekitUrl",
@@ -359,6 +372,8 @@ const KEYS: [&str; 21] = [
     "envoyInsecureTlsCluster",
     "caFile",
     "dnsServer",
+    "csApiUrls",
+    "sanityCheckIntervalSecs",
 ];
 
 /// serde_json's message without its "at line L column C" suffix.
@@ -465,6 +480,8 @@ fn parse_raw(json: &[u8]) -> Result<RawConfig, ConfigError> {
         envoy_insecure_tls_cluster: field(&mut map, "envoyInsecureTlsCluster")?,
         ca_file: field(&mut map, "caFile")?,
         dns_server: field(&mut map, "dnsServer")?,
+        cs_api_urls: field(&mut map, "csApiUrls")?,
+        sanity_check_interval_secs: field(&mut map, "sanityCheckIntervalSecs")?,
     })
 }
 
@@ -500,7 +517,9 @@ pub fn refuse_keys_of_other_host(json: &[u8], host: Host) -> Result<(), ConfigEr
         serde_json::from_slice(json).unwrap_or_default();
     let foreign = keys.keys().find(|k| match host {
         Host::Envoy => matches!(k.as_str(), "caFile" | "dnsServer"),
-        Host::Traefik => k.starts_with("envoy"),
+        Host::Traefik => {
+            k.starts_with("envoy") || matches!(k.as_str(), "csApiUrls" | "sanityCheckIntervalSecs")
+        }
     });
     match (foreign, host) {
         (None, _) => Ok(()),
@@ -513,6 +532,11 @@ pub fn refuse_keys_of_other_host(json: &[u8], host: Host) -> Result<(), ConfigEr
             key.as_str(),
             "only used by the Traefik plugin; in Envoy, set dns_resolvers on the dynamic \
              forward proxy clusters",
+        )),
+        (Some(key), Host::Traefik) if !key.starts_with("envoy") => Err(ConfigError::new(
+            key.as_str(),
+            "only used by delayed-leave delegation, which runs in the Envoy filter only: \
+             Traefik's wasm host has no timers to keep a delayed event alive",
         )),
         (Some(key), Host::Traefik) => Err(ConfigError::new(
             key.as_str(),
@@ -562,17 +586,16 @@ fn parse_token_service(
         env,
     )?);
     let full_access = parse_full_access(raw.full_access_homeservers)?;
-    let mut homeservers = BTreeMap::new();
-    for (name, url) in raw.homeservers.unwrap_or_default() {
-        let key = format!("homeservers.{name}");
-        ServerName::parse(&name).map_err(|reason| {
-            ConfigError::new(
-                &key,
-                format!("`{name}` is not a valid server name: {reason}"),
-            )
-        })?;
-        let upstream = Upstream::parse(&url, false).map_err(|r| ConfigError::new(&key, r))?;
-        homeservers.insert(name, upstream);
+    let homeservers = server_name_urls("homeservers", raw.homeservers)?;
+    let cs_api_urls = server_name_urls("csApiUrls", raw.cs_api_urls)?;
+    let sanity_check_interval_secs = raw
+        .sanity_check_interval_secs
+        .unwrap_or(DEFAULT_SANITY_CHECK_INTERVAL_SECS);
+    if sanity_check_interval_secs > 3_600 {
+        return Err(ConfigError::new(
+            "sanityCheckIntervalSecs",
+            "must be between 0 (off) and 3600 (seconds)",
+        ));
     }
     let callout_timeout_ms = raw.callout_timeout_ms.unwrap_or(DEFAULT_CALLOUT_TIMEOUT_MS);
     if !(1..=MAX_CALLOUT_TIMEOUT_MS).contains(&callout_timeout_ms) {
@@ -659,7 +682,29 @@ fn parse_token_service(
         envoy_insecure_tls_cluster,
         ca_file: raw.ca_file,
         dns_server,
+        cs_api_urls,
+        sanity_check_interval_ms: sanity_check_interval_secs * 1_000,
     })
+}
+
+/// A `{server name: base URL}` map (`homeservers`, `csApiUrls`); errors name `key.<server>`.
+fn server_name_urls(
+    key: &str,
+    map: Option<BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, Upstream>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (name, url) in map.unwrap_or_default() {
+        let key = format!("{key}.{name}");
+        ServerName::parse(&name).map_err(|reason| {
+            ConfigError::new(
+                &key,
+                format!("`{name}` is not a valid server name: {reason}"),
+            )
+        })?;
+        let upstream = Upstream::parse(&url, false).map_err(|r| ConfigError::new(&key, r))?;
+        out.insert(name, upstream);
+    }
+    Ok(out)
 }
 
 /// Exactly one of an inline value and the name of an environment variable holding it.
@@ -792,6 +837,14 @@ mod tests {
         let e = super::refuse_keys_of_other_host(dns, super::Host::Envoy).unwrap_err();
         assert_eq!(e.key, "dnsServer");
         assert!(e.reason.contains("dns_resolvers"), "{}", e.reason);
+        let jobs = br#"{"stripPrefixes":["/p"],"sanityCheckIntervalSecs":5}"#;
+        let e = super::refuse_keys_of_other_host(jobs, super::Host::Traefik).unwrap_err();
+        assert_eq!(e.key, "sanityCheckIntervalSecs");
+        assert!(e.reason.contains("no timers"), "{}", e.reason);
+        assert_eq!(
+            super::refuse_keys_of_other_host(jobs, super::Host::Envoy),
+            Ok(())
+        );
     }
 
     #[test]
@@ -936,6 +989,41 @@ mod tests {
                 authority: "synapse:8008".into(),
                 base_path: "/base".into()
             }
+        );
+    }
+
+    #[test]
+    fn delayed_leave_keys() {
+        let s = parse(&format!(
+            r#"{{{TOKEN},"csApiUrls":{{"example.org":"https://matrix.example.org/"}},"sanityCheckIntervalSecs":"5"}}"#
+        ))
+        .unwrap();
+        let t = s.token_service.unwrap();
+        assert_eq!(
+            t.cs_api_urls["example.org"].authority,
+            "matrix.example.org:443"
+        );
+        assert_eq!(t.sanity_check_interval_ms, 5_000);
+        let t = parse(&format!("{{{TOKEN}}}"))
+            .unwrap()
+            .token_service
+            .unwrap();
+        assert_eq!(t.sanity_check_interval_ms, 30_000);
+        assert!(t.cs_api_urls.is_empty());
+        refused(
+            &format!(r#"{{{TOKEN},"csApiUrls":{{"bad name!":"https://x"}}}}"#),
+            "csApiUrls.bad name!",
+            "not a valid server name",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"csApiUrls":{{"example.org":"ftp://x"}}}}"#),
+            "csApiUrls.example.org",
+            "http",
+        );
+        refused(
+            &format!(r#"{{{TOKEN},"sanityCheckIntervalSecs":3601}}"#),
+            "sanityCheckIntervalSecs",
+            "3600",
         );
     }
 

@@ -12,13 +12,16 @@
 //!
 //! Time is passed in (`now`, seconds since the Unix epoch) so the flow is deterministic in tests.
 
+use crate::client_discovery::{self, ClientPlan};
 use crate::config::{Settings, TokenService, Upstream};
 use crate::discovery::{self, DiscoveryCache, Plan};
+use crate::job_service::{Handover, Message};
 use crate::livekit::{self, Claims};
 use crate::matrix::{self, MatrixError};
 use crate::path::{self, Prefix};
 use crate::requests::{TokenEndpoint, TokenRequest};
 use crate::response::LocalResponse;
+use crate::webhook;
 
 /// Largest token request body the filter reads, in bytes; larger ones get 413 `M_TOO_LARGE`.
 /// Real Element Call bodies are under 1 KiB.
@@ -50,7 +53,7 @@ pub enum Decision<'s> {
 /// Routes a request by `method` and request target `target` (`:path`, with query).
 ///
 /// Token endpoints (when the token service is on) are `P/sfu/get`, `P/get_token`,
-/// `P/healthz` and `P/delegate_delayed_leave` for each strip prefix P, or the root paths
+/// `P/healthz`, `P/delegate_delayed_leave` and `P/sfu_webhook` for each strip prefix P, or the root paths
 /// (after collapsing a leading `//`) when there is no prefix. Everything else under a prefix
 /// is forwarded with the prefix stripped; everything else passes through.
 pub fn route<'s>(settings: &'s Settings, method: &str, target: &str) -> Decision<'s> {
@@ -94,7 +97,7 @@ pub fn route_lazy<'s>(
 fn is_token_path(local_path: &str) -> bool {
     matches!(
         local_path,
-        "/sfu/get" | "/get_token" | "/healthz" | "/delegate_delayed_leave"
+        "/sfu/get" | "/get_token" | "/healthz" | "/delegate_delayed_leave" | "/sfu_webhook"
     )
 }
 
@@ -108,11 +111,8 @@ fn token_route(method: &str, local_path: &str) -> Option<Decision<'static>> {
                 _ => LocalResponse::health_method_not_allowed(),
             }))
         }
-        "/delegate_delayed_leave" => {
-            return Some(Decision::Respond(LocalResponse::error(
-                MatrixError::UNRECOGNIZED,
-            )))
-        }
+        "/delegate_delayed_leave" => TokenEndpoint::DelegateDelayedLeave,
+        "/sfu_webhook" => TokenEndpoint::SfuWebhook,
         _ => return None,
     };
     Some(match method {
@@ -122,6 +122,53 @@ fn token_route(method: &str, local_path: &str) -> Option<Decision<'static>> {
     })
 }
 
+/// `true` for the endpoints that only a host running delayed-leave jobs serves
+/// (`/delegate_delayed_leave`, `/sfu_webhook`); elsewhere answer them with
+/// [`MatrixError::DELEGATION_ENDPOINT_UNAVAILABLE`] before reading the body.
+pub fn needs_job_service(endpoint: TokenEndpoint) -> bool {
+    matches!(
+        endpoint,
+        TokenEndpoint::DelegateDelayedLeave | TokenEndpoint::SfuWebhook
+    )
+}
+
+/// Serves `POST /sfu_webhook`: verifies a LiveKit webhook (`body`, its `Authorization`
+/// header, `now` in Unix seconds; [`webhook::verify`]) against the API key and secret.
+///
+/// Returns the answer (200 empty; 401 `M_UNAUTHORIZED` for an unsigned, tampered, stale or
+/// foreign webhook, logged with the reason) and, for a participant event, the message for the
+/// job service.
+pub fn sfu_webhook(
+    service: &TokenService,
+    authorization: Option<&str>,
+    body: &[u8],
+    now: u64,
+) -> (LocalResponse, Option<Message>) {
+    match webhook::verify(
+        body,
+        authorization,
+        &service.api_key,
+        service.api_secret.expose(),
+        now,
+    ) {
+        Ok(event) => {
+            let message = match (event.signal(), event.room, event.identity) {
+                (Some(signal), Some(room), Some(identity)) => Some(Message::Participant {
+                    room,
+                    identity,
+                    signal,
+                }),
+                _ => None,
+            };
+            (LocalResponse::webhook_accepted(), message)
+        }
+        Err(reason) => {
+            log::warn!("LiveKit webhook refused: {reason}");
+            (LocalResponse::error(MatrixError::WEBHOOK_REFUSED), None)
+        }
+    }
+}
+
 /// Which dependency a callout goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CalloutTarget {
@@ -129,8 +176,12 @@ pub enum CalloutTarget {
     Homeserver,
     /// The server name's `.well-known/matrix/server` (discovery, over TLS).
     WellKnown,
-    /// The LiveKit server API (CreateRoom).
+    /// The LiveKit server API (CreateRoom, GetParticipant).
     LiveKit,
+    /// The server name's `.well-known/matrix/client` (Client-Server API discovery, TLS).
+    ClientWellKnown,
+    /// The user's Client-Server API (MSC4140 delayed-event restart / send).
+    DelayedEvents,
 }
 
 /// An outbound HTTP request the host must make, then pass the result to
@@ -175,17 +226,30 @@ pub enum Step {
     Callout(Callout),
     /// Answer the client with this response; the exchange is over.
     Respond(LocalResponse),
+    /// Hand this delayed-leave job to the job service, then answer with `response`; if the
+    /// handover fails, answer [`MatrixError::DELEGATION_FAILED`] instead. The exchange is over.
+    Handover {
+        /// The job.
+        handover: Handover,
+        /// The answer once the job service has it.
+        response: LocalResponse,
+    },
 }
 
 #[derive(Debug)]
 enum State {
     AwaitWellKnown(TokenRequest),
     AwaitUserinfo(TokenRequest),
+    AwaitClientWellKnown {
+        request: TokenRequest,
+        user_id: String,
+    },
     AwaitCreateRoom {
         identity: String,
         alias: String,
         full_access: bool,
         user_id: String,
+        handover: Option<Handover>,
     },
     Done,
 }
@@ -195,11 +259,15 @@ enum State {
 pub struct TokenExchange {
     state: State,
     issued_full_access: Option<bool>,
+    /// The host runs delayed-leave jobs.
+    delegation: bool,
 }
 
 impl TokenExchange {
     /// Starts an exchange for a whole request `body` sent to `endpoint`; `cache` holds
-    /// `.well-known` results, `now` is Unix seconds.
+    /// `.well-known` results, `now` is Unix seconds, `delegation` says whether the host runs
+    /// delayed-leave jobs (without, delay parameters get 400 `M_BAD_JSON` after the OpenID
+    /// check).
     ///
     /// Returns the exchange and its first step: a 400 (`M_NOT_JSON` / `M_BAD_JSON`) or 401 (a
     /// server name that is invalid, not allowed or internal) answer, the `.well-known`
@@ -210,6 +278,7 @@ impl TokenExchange {
         body: &[u8],
         cache: &dyn DiscoveryCache,
         now: u64,
+        delegation: bool,
     ) -> (Self, Step) {
         let request = match TokenRequest::decode(endpoint, body) {
             Ok(r) => r,
@@ -217,6 +286,11 @@ impl TokenExchange {
                 log::info!("token request refused: {} {}", e.errcode, e.error);
                 return Self::done(LocalResponse::error(e));
             }
+        };
+        let fresh = |state| Self {
+            state,
+            issued_full_access: None,
+            delegation,
         };
         let server = &request.matrix_server_name;
         match discovery::plan(
@@ -233,11 +307,7 @@ impl TokenExchange {
             }
             Ok(Plan::Direct(upstream)) => {
                 let callout = userinfo_callout(service, &request, upstream);
-                let exchange = Self {
-                    state: State::AwaitUserinfo(request),
-                    issued_full_access: None,
-                };
-                (exchange, Step::Callout(callout))
+                (fresh(State::AwaitUserinfo(request)), Step::Callout(callout))
             }
             Ok(Plan::WellKnown(upstream)) => {
                 let callout = Callout {
@@ -249,11 +319,10 @@ impl TokenExchange {
                     body: Vec::new(),
                     timeout_ms: service.callout_timeout_ms,
                 };
-                let exchange = Self {
-                    state: State::AwaitWellKnown(request),
-                    issued_full_access: None,
-                };
-                (exchange, Step::Callout(callout))
+                (
+                    fresh(State::AwaitWellKnown(request)),
+                    Step::Callout(callout),
+                )
             }
         }
     }
@@ -263,6 +332,7 @@ impl TokenExchange {
             Self {
                 state: State::Done,
                 issued_full_access: None,
+                delegation: false,
             },
             Step::Respond(response),
         )
@@ -278,6 +348,7 @@ impl TokenExchange {
         match self.state {
             State::AwaitWellKnown(_) => discovery::MAX_WELL_KNOWN_BODY_BYTES + 1,
             State::AwaitUserinfo(_) => matrix::MAX_USERINFO_BODY_BYTES + 1,
+            State::AwaitClientWellKnown { .. } => client_discovery::MAX_CLIENT_WELL_KNOWN_BYTES + 1,
             _ => MAX_CREATE_ROOM_BODY_BYTES,
         }
     }
@@ -333,12 +404,29 @@ impl TokenExchange {
                     }
                 }
             }
-            State::AwaitUserinfo(request) => self.after_userinfo(service, request, result, now),
+            State::AwaitUserinfo(request) => {
+                self.after_userinfo(service, request, result, cache, now)
+            }
+            State::AwaitClientWellKnown { request, user_id } => {
+                let server = &request.matrix_server_name;
+                match client_discovery::discovered(server, result.status, result.body, cache, now) {
+                    Ok(cs_api) => self.with_cs_api(service, request, user_id, cs_api, now),
+                    Err(reason) => {
+                        log::warn!(
+                            "Client-Server API of {server} not found: {reason}{}{}",
+                            if result.detail.is_empty() { "" } else { " " },
+                            result.detail
+                        );
+                        Step::Respond(LocalResponse::error(MatrixError::CS_API_UNRESOLVABLE))
+                    }
+                }
+            }
             State::AwaitCreateRoom {
                 identity,
                 alias,
                 full_access,
                 user_id,
+                handover,
             } => {
                 if !result.status.is_some_and(|s| (200..300).contains(&s)) {
                     log::warn!(
@@ -367,7 +455,11 @@ impl TokenExchange {
                                 "restricted"
                             }
                         );
-                        Step::Respond(LocalResponse::token(&service.livekit_url, &jwt))
+                        let response = LocalResponse::token(&service.livekit_url, &jwt);
+                        match handover {
+                            Some(handover) => Step::Handover { handover, response },
+                            None => Step::Respond(response),
+                        }
                     }
                     Err(e) => {
                         log::error!("signing the LiveKit access token failed: {e}");
@@ -387,6 +479,7 @@ impl TokenExchange {
         service: &TokenService,
         request: TokenRequest,
         result: CalloutResult<'_>,
+        cache: &dyn DiscoveryCache,
         now: u64,
     ) -> Step {
         let server = &request.matrix_server_name;
@@ -405,11 +498,97 @@ impl TokenExchange {
             log::warn!("claimed_user_id differs from the verified user {user_id}");
             return Step::Respond(LocalResponse::error(MatrixError::UNAUTHORIZED));
         }
-        if request.wants_delayed_leave {
-            return Step::Respond(LocalResponse::error(MatrixError::bad_json(
-                "Delayed leave delegation (delay_id, delay_timeout) is not supported by this server",
-            )));
+        if request.delayed_leave.is_none() {
+            return self.create_room(service, &request, user_id, None, now);
         }
+        let delegate = request.endpoint == TokenEndpoint::DelegateDelayedLeave;
+        if !service.full_access.allows(server) {
+            log::info!("delayed leave delegation refused: {user_id} has no full access");
+            return Step::Respond(LocalResponse::error(if delegate {
+                MatrixError::DELEGATION_FORBIDDEN
+            } else {
+                MatrixError::DELEGATION_RESTRICTED
+            }));
+        }
+        if !self.delegation {
+            log::warn!(
+                "delayed leave delegation asked by {user_id}, but this proxy runs no \
+                 delayed-leave jobs (README \"Delayed leave delegation\")"
+            );
+            return Step::Respond(LocalResponse::error(if delegate {
+                MatrixError::DELEGATION_ENDPOINT_UNAVAILABLE
+            } else {
+                MatrixError::DELEGATION_UNAVAILABLE
+            }));
+        }
+        match client_discovery::plan(server, &service.cs_api_urls, cache, now) {
+            Ok(ClientPlan::Known(cs_api)) => {
+                self.with_cs_api(service, request, user_id, cs_api, now)
+            }
+            Ok(ClientPlan::WellKnown(upstream)) => {
+                let callout = Callout {
+                    target: CalloutTarget::ClientWellKnown,
+                    path: client_discovery::CLIENT_WELL_KNOWN_PATH.to_owned(),
+                    upstream,
+                    method: "GET",
+                    headers: vec![("accept", "application/json".to_owned())],
+                    body: Vec::new(),
+                    timeout_ms: service.callout_timeout_ms,
+                };
+                self.state = State::AwaitClientWellKnown { request, user_id };
+                Step::Callout(callout)
+            }
+            Err(reason) => {
+                log::warn!("Client-Server API of {server} not found: {reason}");
+                Step::Respond(LocalResponse::error(MatrixError::CS_API_UNRESOLVABLE))
+            }
+        }
+    }
+
+    /// The Client-Server API is known: hand the job over (`/delegate_delayed_leave`) or create
+    /// the room first (token endpoints).
+    fn with_cs_api(
+        &mut self,
+        service: &TokenService,
+        request: TokenRequest,
+        user_id: String,
+        cs_api: Upstream,
+        now: u64,
+    ) -> Step {
+        let Some(delay) = request.delayed_leave.clone() else {
+            return self.create_room(service, &request, user_id, None, now);
+        };
+        let handover = Handover {
+            room: request.room_alias(),
+            identity: request.identity(&user_id),
+            user_id: user_id.clone(),
+            delay_id: delay.delay_id,
+            delay_timeout_ms: delay.delay_timeout_ms,
+            cs_api,
+        };
+        if request.endpoint == TokenEndpoint::DelegateDelayedLeave {
+            log::info!(
+                "delayed leave of {user_id} in room {} delegated",
+                handover.room
+            );
+            return Step::Handover {
+                handover,
+                response: LocalResponse::delegated(),
+            };
+        }
+        self.create_room(service, &request, user_id, Some(handover), now)
+    }
+
+    /// The CreateRoom callout; the LiveKit access token follows its success.
+    fn create_room(
+        &mut self,
+        service: &TokenService,
+        request: &TokenRequest,
+        user_id: String,
+        handover: Option<Handover>,
+        now: u64,
+    ) -> Step {
+        let server = &request.matrix_server_name;
         let alias = request.room_alias();
         let server_token =
             match Claims::room_create(&service.api_key, now).sign(service.api_secret.expose()) {
@@ -436,6 +615,7 @@ impl TokenExchange {
             full_access: service.full_access.allows(server),
             alias,
             user_id,
+            handover,
         };
         Step::Callout(callout)
     }
@@ -488,7 +668,7 @@ mod tests {
     fn expect_callout(step: Step) -> Callout {
         match step {
             Step::Callout(c) => c,
-            Step::Respond(r) => panic!(
+            Step::Respond(r) | Step::Handover { response: r, .. } => panic!(
                 "expected a callout, got {} {:?}",
                 r.status,
                 String::from_utf8_lossy(&r.body)
@@ -505,6 +685,7 @@ mod tests {
                 assert_eq!(v["errcode"], errcode);
             }
             Step::Callout(c) => panic!("expected {status}, got a callout to {}", c.path),
+            Step::Handover { .. } => panic!("expected {status}, got a handover"),
         }
     }
 
@@ -545,8 +726,16 @@ mod tests {
         assert!(
             matches!(route(&s, "DELETE", "/livekit-jwt-service/healthz"), Decision::Respond(r) if r.status == 405)
         );
+        assert!(matches!(
+            route(&s, "POST", "/livekit-jwt-service/delegate_delayed_leave"),
+            Decision::ReadBody(TokenEndpoint::DelegateDelayedLeave)
+        ));
+        assert!(matches!(
+            route(&s, "POST", "/livekit-jwt-service/sfu_webhook"),
+            Decision::ReadBody(TokenEndpoint::SfuWebhook)
+        ));
         assert!(
-            matches!(route(&s, "POST", "/livekit-jwt-service/delegate_delayed_leave"), Decision::Respond(r) if r.status == 404)
+            matches!(route(&s, "GET", "/livekit-jwt-service/sfu_webhook"), Decision::Respond(r) if r.status == 405)
         );
         assert!(
             matches!(route(&s, "GET", "/livekit-jwt-service/other?a=1"), Decision::Forward { target, .. } if target == "/other?a=1")
@@ -596,6 +785,7 @@ mod tests {
             &body("example.org", "@alice:example.org"),
             &NoCache,
             NOW,
+            true,
         );
         let well_known = expect_callout(step);
         assert_eq!(well_known.target, CalloutTarget::WellKnown);
@@ -678,6 +868,7 @@ mod tests {
             &body("other.example", "@bob:other.example"),
             &NoCache,
             NOW,
+            true,
         );
         let c = expect_callout(step);
         assert_eq!(
@@ -734,6 +925,7 @@ mod tests {
                 &body("example.org", claimed),
                 &NoCache,
                 NOW,
+                true,
             );
             expect_callout(step);
             expect_error(
@@ -754,23 +946,202 @@ mod tests {
             &body("evil/host", "@a:evil/host"),
             &NoCache,
             NOW,
+            true,
         );
         expect_error(step, 401, "M_UNAUTHORIZED");
     }
 
-    #[test]
-    fn delayed_leave_refused_after_openid_check() {
-        let s = settings(HS_OVERRIDE);
-        let t = s.token_service.as_ref().unwrap();
-        let mut b = body("example.org", "@alice:example.org");
+    fn with_delay(server: &str) -> Vec<u8> {
+        let mut b = body(server, &format!("@alice:{server}"));
         b.pop();
         b.extend_from_slice(br#","delay_id":"d1","delay_timeout":10000}"#);
-        let (mut ex, step) = TokenExchange::start(t, TokenEndpoint::GetToken, &b, &NoCache, NOW);
+        b
+    }
+
+    const USERINFO_OK: &str = r#"{"sub":"@alice:example.org"}"#;
+
+    #[test]
+    fn delay_parameters_need_full_access_and_a_job_service() {
+        let s = settings(
+            r#","homeservers":{"example.org":"https://hs.example.org","other.org":"https://hs.other.org"}"#,
+        );
+        let t = s.token_service.as_ref().unwrap();
+        for (endpoint, server, delegation, status, errcode, text) in [
+            (
+                TokenEndpoint::GetToken,
+                "example.org",
+                false,
+                400,
+                "M_BAD_JSON",
+                "not available",
+            ),
+            (
+                TokenEndpoint::DelegateDelayedLeave,
+                "example.org",
+                false,
+                404,
+                "M_UNRECOGNIZED",
+                "not available",
+            ),
+            (
+                TokenEndpoint::GetToken,
+                "other.org",
+                true,
+                400,
+                "M_BAD_JSON",
+                "only supported for full access",
+            ),
+            (
+                TokenEndpoint::DelegateDelayedLeave,
+                "other.org",
+                true,
+                403,
+                "M_FORBIDDEN",
+                "only supported for full access",
+            ),
+        ] {
+            let b = with_delay(server);
+            let (mut ex, step) = TokenExchange::start(t, endpoint, &b, &NoCache, NOW, delegation);
+            expect_callout(step);
+            let sub = format!(r#"{{"sub":"@alice:{server}"}}"#);
+            let step = ex.on_callout_response(t, ok(200, &sub), &NoCache, NOW);
+            let Step::Respond(r) = step else {
+                panic!("{step:?}")
+            };
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(
+                (r.status, v["errcode"].as_str().unwrap()),
+                (status, errcode)
+            );
+            assert!(v["error"].as_str().unwrap().contains(text), "{v}");
+        }
+    }
+
+    #[test]
+    fn token_with_delay_discovers_the_cs_api_then_creates_the_room_then_hands_over() {
+        let s = settings(HS_OVERRIDE);
+        let t = s.token_service.as_ref().unwrap();
+        let cache = crate::discovery::MemoryCache::new(8);
+        let b = with_delay("example.org");
+        let (mut ex, step) =
+            TokenExchange::start(t, TokenEndpoint::GetToken, &b, &cache, NOW, true);
         expect_callout(step);
-        expect_error(
-            ex.on_callout_response(t, ok(200, r#"{"sub":"@alice:example.org"}"#), &NoCache, NOW),
-            400,
-            "M_BAD_JSON",
+        let wk = expect_callout(ex.on_callout_response(t, ok(200, USERINFO_OK), &cache, NOW));
+        assert_eq!(wk.target, CalloutTarget::ClientWellKnown);
+        assert_eq!(
+            (wk.upstream.authority.as_str(), wk.path.as_str()),
+            ("example.org:443", "/.well-known/matrix/client")
+        );
+        let create = expect_callout(ex.on_callout_response(
+            t,
+            ok(
+                200,
+                r#"{"m.homeserver":{"base_url":"https://matrix.example.org"}}"#,
+            ),
+            &cache,
+            NOW,
+        ));
+        assert_eq!(create.target, CalloutTarget::LiveKit);
+        let step = ex.on_callout_response(t, ok(200, ""), &cache, NOW);
+        let Step::Handover { handover, response } = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(response.status, 200);
+        assert_eq!(handover.cs_api.authority, "matrix.example.org:443");
+        assert_eq!(
+            (handover.delay_id.as_str(), handover.delay_timeout_ms),
+            ("d1", 10_000)
+        );
+        assert_eq!(handover.user_id, "@alice:example.org");
+        let request = TokenRequest::decode(TokenEndpoint::GetToken, &b).unwrap();
+        assert_eq!(handover.room, request.room_alias());
+        assert_eq!(handover.identity, request.identity("@alice:example.org"));
+        assert_eq!(ex.issued_full_access(), Some(true));
+        // The second request finds the base URL in the cache: straight to CreateRoom.
+        let (mut ex, step) =
+            TokenExchange::start(t, TokenEndpoint::GetToken, &b, &cache, NOW + 1, true);
+        expect_callout(step);
+        let create =
+            expect_callout(ex.on_callout_response(t, ok(200, USERINFO_OK), &cache, NOW + 1));
+        assert_eq!(create.target, CalloutTarget::LiveKit);
+    }
+
+    #[test]
+    fn unresolvable_cs_api_is_400_before_the_room_is_created() {
+        let s = settings(HS_OVERRIDE);
+        let t = s.token_service.as_ref().unwrap();
+        for endpoint in [TokenEndpoint::GetToken, TokenEndpoint::DelegateDelayedLeave] {
+            let b = with_delay("example.org");
+            let (mut ex, _) = TokenExchange::start(t, endpoint, &b, &NoCache, NOW, true);
+            expect_callout(ex.on_callout_response(t, ok(200, USERINFO_OK), &NoCache, NOW));
+            let step = ex.on_callout_response(t, ok(404, "nope"), &NoCache, NOW);
+            let Step::Respond(r) = step else {
+                panic!("{step:?}")
+            };
+            assert_eq!(r.status, 400);
+            assert_eq!(
+                r.body,
+                br#"{"errcode":"M_BAD_JSON","error":"Unable to resolve client-server API"}"#
+            );
+        }
+    }
+
+    #[test]
+    fn delegate_hands_over_without_room_or_token() {
+        let s = settings(&format!(
+            r#"{HS_OVERRIDE},"csApiUrls":{{"example.org":"http://127.0.0.1:8008"}}"#
+        ));
+        let t = s.token_service.as_ref().unwrap();
+        let b = with_delay("example.org");
+        let (mut ex, step) = TokenExchange::start(
+            t,
+            TokenEndpoint::DelegateDelayedLeave,
+            &b,
+            &NoCache,
+            NOW,
+            true,
+        );
+        assert_eq!(expect_callout(step).target, CalloutTarget::Homeserver);
+        let step = ex.on_callout_response(t, ok(200, USERINFO_OK), &NoCache, NOW);
+        let Step::Handover { handover, response } = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(handover.cs_api.authority, "127.0.0.1:8008");
+        assert_eq!(
+            (response.status, response.body.as_slice()),
+            (200, &b"{}"[..])
+        );
+        assert_eq!(response.header("access-control-allow-origin"), Some("*"));
+        assert_eq!(ex.issued_full_access(), None);
+    }
+
+    #[test]
+    fn sfu_webhook_verification() {
+        let s = settings("");
+        let t = s.token_service.as_ref().unwrap();
+        let body =
+            br#"{"event":"participant_left","room":{"name":"R"},"participant":{"identity":"I"}}"#;
+        let (r, m) = sfu_webhook(t, None, body, NOW);
+        assert_eq!((r.status, m), (401, None));
+        let token = crate::webhook::tests_support::sign(body, "devkey", b"secret", NOW);
+        let (r, m) = sfu_webhook(t, Some(&token), body, NOW);
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            m,
+            Some(Message::Participant {
+                room: "R".into(),
+                identity: "I".into(),
+                signal: crate::webhook::ParticipantSignal::Left
+            })
+        );
+        let tampered =
+            br#"{"event":"participant_left","room":{"name":"R"},"participant":{"identity":"J"}}"#;
+        assert_eq!(sfu_webhook(t, Some(&token), tampered, NOW).0.status, 401);
+        let room_event = br#"{"event":"room_finished","room":{"name":"R"}}"#;
+        let token = crate::webhook::tests_support::sign(room_event, "devkey", b"secret", NOW);
+        assert_eq!(
+            sfu_webhook(t, Some(&token), room_event, NOW),
+            (LocalResponse::webhook_accepted(), None)
         );
     }
 
@@ -785,6 +1156,7 @@ mod tests {
                 &body("example.org", "@alice:example.org"),
                 &NoCache,
                 NOW,
+                true,
             );
             expect_callout(ex.on_callout_response(
                 t,

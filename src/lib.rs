@@ -13,9 +13,9 @@
 //! - [`metrics`]: metric names and labels;
 //! - [`logging`]: log lines prefixed with the request id;
 //! - [`http1`]: HTTP/1.1 request encoding and answer parsing (the Traefik plugin's callouts);
-//! - [`webhook`], [`delayed_leave`], [`client_discovery`]: LiveKit webhook verification, the
-//!   delayed-leave job state machine and Client-Server API discovery (MSC4140 delegation; not
-//!   served by the adapters yet);
+//! - [`webhook`], [`delayed_leave`], [`job_service`], [`client_discovery`]: MSC4140
+//!   delayed-leave delegation: LiveKit webhook verification, one job's state machine, the
+//!   service that runs all jobs, Client-Server API discovery (run by the Envoy filter);
 //! - `proxy_wasm_filter` (wasm32 only): the proxy-wasm adapter loaded by Envoy and Istio;
 //! - `http_wasm_plugin` (wasm32, feature `traefik`): the http-wasm adapter loaded by Traefik.
 //!
@@ -30,6 +30,7 @@ pub mod discovery;
 pub mod exchange;
 pub mod hs256;
 pub mod http1;
+pub mod job_service;
 pub mod livekit;
 pub mod logging;
 pub mod matrix;

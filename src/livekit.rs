@@ -95,6 +95,10 @@ pub struct VideoGrant {
     /// Permission to join `room`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub room_join: Option<bool>,
+    /// Administration of `room` (server token for GetParticipant only; never in a client
+    /// token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room_admin: Option<bool>,
     /// The LiveKit room name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub room: Option<String>,
@@ -156,16 +160,39 @@ impl Claims {
 
     /// Claims of the short-lived server token that authorises CreateRoom (`roomCreate` only).
     pub fn room_create(api_key: &str, now: u64) -> Self {
+        Self::server(
+            api_key,
+            now,
+            VideoGrant {
+                room_create: Some(true),
+                ..VideoGrant::default()
+            },
+        )
+    }
+
+    /// A server token (no identity) valid for [`SERVER_TOKEN_LIFETIME_SECS`] from `now`.
+    fn server(api_key: &str, now: u64, video: VideoGrant) -> Self {
         Self {
             iss: api_key.to_owned(),
             sub: None,
             nbf: now,
             exp: now.saturating_add(SERVER_TOKEN_LIFETIME_SECS),
-            video: VideoGrant {
-                room_create: Some(true),
+            video,
+        }
+    }
+
+    /// Claims of the short-lived server token that authorises GetParticipant in `room`
+    /// (`roomAdmin` for that room only, as LiveKit's server SDKs ask for it).
+    pub fn room_admin(api_key: &str, room: &str, now: u64) -> Self {
+        Self::server(
+            api_key,
+            now,
+            VideoGrant {
+                room_admin: Some(true),
+                room: Some(room.to_owned()),
                 ..VideoGrant::default()
             },
-        }
+        )
     }
 
     /// Signs the claims as an HS256 JWT with the LiveKit API secret `secret`.
@@ -208,6 +235,46 @@ pub fn create_room_body(alias: &str) -> Vec<u8> {
         max_participants: 0,
         departure_timeout: ROOM_DEPARTURE_TIMEOUT_SECS,
     })
+}
+
+/// LiveKit's `RoomParticipantIdentity` (`livekit_room.proto`), the GetParticipant request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RoomParticipantIdentity {
+    /// Room name (the room alias).
+    #[prost(string, tag = "1")]
+    pub room: String,
+    /// Participant identity.
+    #[prost(string, tag = "2")]
+    pub identity: String,
+}
+
+/// Twirp path of GetParticipant (is this identity in this room?), below the LiveKit API URL.
+pub const GET_PARTICIPANT_PATH: &str = "/twirp/livekit.RoomService/GetParticipant";
+
+/// The protobuf body of a GetParticipant call.
+pub fn get_participant_body(room: &str, identity: &str) -> Vec<u8> {
+    prost::Message::encode_to_vec(&RoomParticipantIdentity {
+        room: room.to_owned(),
+        identity: identity.to_owned(),
+    })
+}
+
+/// What a GetParticipant answer says: `Some(true)` present (2xx), `Some(false)` absent (404,
+/// Twirp `not_found`), `None` unknown (no answer, other errors).
+pub fn participant_present(status: Option<u16>, body: &[u8]) -> Option<bool> {
+    #[derive(serde::Deserialize)]
+    struct TwirpError {
+        code: String,
+    }
+    match status {
+        Some(200..=299) => Some(true),
+        Some(404) => Some(false),
+        Some(_) => serde_json::from_slice::<TwirpError>(body)
+            .ok()
+            .filter(|e| e.code == "not_found")
+            .map(|_| false),
+        None => None,
+    }
 }
 
 /// The full path of the CreateRoom call below the configured LiveKit API URL.
@@ -306,6 +373,24 @@ mod tests {
             &validation,
         )
         .is_err());
+    }
+
+    #[test]
+    fn get_participant_pieces() {
+        // Field 1 "r", field 2 "id" (protobuf wire format, as protoc encodes it).
+        assert_eq!(get_participant_body("r", "id"), b"\x0a\x01r\x12\x02id");
+        let claims = serde_json::to_value(Claims::room_admin("k", "room", 100)).unwrap();
+        assert_eq!(
+            claims,
+            serde_json::json!({"iss":"k","nbf":100,"exp":100 + SERVER_TOKEN_LIFETIME_SECS,
+                "video":{"roomAdmin":true,"room":"room"}})
+        );
+        assert_eq!(participant_present(Some(200), b""), Some(true));
+        assert_eq!(participant_present(Some(404), b""), Some(false));
+        let not_found = br#"{"code":"not_found","msg":"participant not found"}"#;
+        assert_eq!(participant_present(Some(400), not_found), Some(false));
+        assert_eq!(participant_present(Some(503), b"upstream"), None);
+        assert_eq!(participant_present(None, b""), None);
     }
 
     #[test]

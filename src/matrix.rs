@@ -230,6 +230,10 @@ pub struct MatrixError {
     pub error: &'static str,
 }
 
+/// The text of [`MatrixError::DELEGATION_UNAVAILABLE`].
+const DELEGATION_UNAVAILABLE_TEXT: &str =
+    "Delayed leave delegation is not available on this server";
+
 impl MatrixError {
     /// 400: the body is not JSON or has a field unknown to the request type (lk-jwt-service).
     pub const NOT_JSON: Self = Self::new(400, "M_NOT_JSON", "Error reading request");
@@ -255,6 +259,34 @@ impl MatrixError {
         Self::new(405, "M_UNRECOGNIZED", "Method not allowed on this endpoint");
     /// 404: an endpoint of lk-jwt-service this filter does not serve yet.
     pub const UNRECOGNIZED: Self = Self::new(404, "M_UNRECOGNIZED", "Unrecognized request");
+    /// 403: `/delegate_delayed_leave` from a user of a homeserver without full access
+    /// (lk-jwt-service).
+    pub const DELEGATION_FORBIDDEN: Self = Self::new(
+        403,
+        "M_FORBIDDEN",
+        "Delegation of delayed events is only supported for full access users",
+    );
+    /// 400: delay parameters on a token endpoint from a user without full access
+    /// (lk-jwt-service).
+    pub const DELEGATION_RESTRICTED: Self =
+        Self::bad_json("Delegation of delayed events is only supported for full access users");
+    /// 400: the user's Client-Server API could not be found (lk-jwt-service).
+    pub const CS_API_UNRESOLVABLE: Self = Self::bad_json(crate::client_discovery::UNRESOLVABLE);
+    /// 400 (token endpoints) / 404 (`/delegate_delayed_leave`, `/sfu_webhook`): this proxy
+    /// runs no delayed-leave jobs (Traefik: no timers; Envoy: the job service is not set up).
+    pub const DELEGATION_UNAVAILABLE: Self = Self::bad_json(DELEGATION_UNAVAILABLE_TEXT);
+    /// 404 variant of [`Self::DELEGATION_UNAVAILABLE`] for the delegation endpoints.
+    pub const DELEGATION_ENDPOINT_UNAVAILABLE: Self =
+        Self::new(404, "M_UNRECOGNIZED", DELEGATION_UNAVAILABLE_TEXT);
+    /// 503: the job could not be handed to the job service (Envoy shared queue full or gone).
+    pub const DELEGATION_FAILED: Self = Self::new(
+        503,
+        "M_UNKNOWN",
+        "Delayed leave delegation is temporarily unavailable",
+    );
+    /// 401: a `/sfu_webhook` request that is not signed by the configured LiveKit API key.
+    pub const WEBHOOK_REFUSED: Self =
+        Self::new(401, "M_UNAUTHORIZED", "The webhook could not be verified.");
 
     /// A new error answer.
     pub const fn new(status: u16, errcode: &'static str, error: &'static str) -> Self {

@@ -15,19 +15,25 @@ pub fn token_requests(endpoint: TokenEndpoint, outcome: &str) -> String {
     let endpoint = match endpoint {
         TokenEndpoint::SfuGet => "sfu_get",
         TokenEndpoint::GetToken => "get_token",
+        TokenEndpoint::DelegateDelayedLeave => "delegate_delayed_leave",
+        TokenEndpoint::SfuWebhook => "sfu_webhook",
     };
     format!("matrixrtc.token_requests.endpoint.{endpoint}.outcome.{outcome}")
 }
 
 /// The outcome label of a token request's answer: `issued_full`, `issued_restricted`,
-/// `bad_request` (400), `unauthorized` (401), `too_large` (413), `sfu_error` (500 from room
-/// creation), `internal_error` (other 500), or `other`.
+/// `accepted` (200 without a token: a delegation or a webhook), `bad_request` (400),
+/// `unauthorized` (401), `forbidden` (403), `too_large` (413), `sfu_error` (500 from room
+/// creation), `internal_error` (other 500), `unavailable` (503), or `other`.
 pub fn outcome(response: &LocalResponse, issued_full_access: Option<bool>) -> &'static str {
     match (response.status, issued_full_access) {
         (200, Some(true)) => "issued_full",
         (200, Some(false)) => "issued_restricted",
+        (200, None) => "accepted",
         (400, _) => "bad_request",
         (401, _) => "unauthorized",
+        (403, _) => "forbidden",
+        (503, _) => "unavailable",
         (413, _) => "too_large",
         (500, _) if response.body.windows(6).any(|w| w == b"on SFU") => "sfu_error",
         (500, _) => "internal_error",
@@ -40,6 +46,8 @@ fn target_label(target: CalloutTarget) -> &'static str {
         CalloutTarget::Homeserver => "homeserver",
         CalloutTarget::WellKnown => "well_known",
         CalloutTarget::LiveKit => "livekit",
+        CalloutTarget::ClientWellKnown => "client_well_known",
+        CalloutTarget::DelayedEvents => "delayed_events",
     }
 }
 
@@ -78,6 +86,24 @@ pub fn well_known_cache(hit: bool) -> String {
         if hit { "hit" } else { "miss" }
     )
 }
+
+/// Counter: delayed-leave jobs by how they ended (`sent`, `already_sent`, `gone`, `replaced`,
+/// `refused`, `gave_up`; see [`crate::delayed_leave::Outcome`]).
+pub fn delayed_leave_jobs(outcome: crate::delayed_leave::Outcome) -> String {
+    use crate::delayed_leave::Outcome;
+    let label = match outcome {
+        Outcome::Sent => "sent",
+        Outcome::AlreadySent => "already_sent",
+        Outcome::Gone => "gone",
+        Outcome::Replaced => "replaced",
+        Outcome::Refused(_) => "refused",
+        Outcome::GaveUp => "gave_up",
+    };
+    format!("matrixrtc.delayed_leave_jobs.outcome.{label}")
+}
+
+/// Gauge: delayed-leave jobs running now.
+pub const DELAYED_LEAVE_JOBS_RUNNING: &str = "matrixrtc.delayed_leave_jobs_running";
 
 #[cfg(test)]
 mod tests {
@@ -126,6 +152,18 @@ mod tests {
         assert_eq!(
             outcome(&LocalResponse::error(MatrixError::NOT_JSON), None),
             "bad_request"
+        );
+        assert_eq!(
+            outcome(
+                &LocalResponse::error(MatrixError::DELEGATION_FORBIDDEN),
+                None
+            ),
+            "forbidden"
+        );
+        assert_eq!(outcome(&LocalResponse::delegated(), None), "accepted");
+        assert_eq!(
+            delayed_leave_jobs(crate::delayed_leave::Outcome::AlreadySent),
+            "matrixrtc.delayed_leave_jobs.outcome.already_sent"
         );
     }
 }

@@ -4,6 +4,10 @@
 //! has a wrong type, or carries a field unknown to the request type (at any depth) is
 //! `M_NOT_JSON`. A required field that is missing, `null` or empty is `M_BAD_JSON`, and so is
 //! only one of `delay_id` / `delay_timeout`; both are found before any callout.
+//!
+//! `delay_cs_api_url` is accepted (clients send it) and never used: the proxy finds the
+//! Client-Server API itself (`csApiUrls`, `.well-known/matrix/client`), so a client cannot
+//! point the proxy's callouts at an address of its choosing.
 
 use serde::Deserialize;
 
@@ -46,10 +50,13 @@ struct GetTokenBody {
     member: Option<Member>,
     delay_id: Option<String>,
     delay_timeout: Option<i64>,
-    /// Accepted for MSC4140 delegation, which this filter does not perform yet.
+    /// Accepted, never used (module docs).
     #[allow(dead_code)]
     delay_cs_api_url: Option<String>,
 }
+
+/// `POST /delegate_delayed_leave` body: `/get_token`'s with both delay fields required.
+type DelegateBody = GetTokenBody;
 
 /// `POST /sfu/get` (legacy) body.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -60,18 +67,32 @@ struct SfuGetBody {
     device_id: Option<String>,
     delay_id: Option<String>,
     delay_timeout: Option<i64>,
-    /// Accepted for MSC4140 delegation, which this filter does not perform yet.
+    /// Accepted, never used (module docs).
     #[allow(dead_code)]
     delay_cs_api_url: Option<String>,
 }
 
-/// The two token endpoints.
+/// The endpoints whose body the filter reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenEndpoint {
     /// `/sfu/get` (legacy, MSC4195 before slots).
     SfuGet,
     /// `/get_token`.
     GetToken,
+    /// `/delegate_delayed_leave` (MSC4140 delegation after the fact: no LiveKit access
+    /// token, no room creation).
+    DelegateDelayedLeave,
+    /// `/sfu_webhook` (LiveKit webhooks; not a token request, its body is a webhook event).
+    SfuWebhook,
+}
+
+/// The delayed event a client hands over (MSC4140): `delay_id` and `delay_timeout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayedLeave {
+    /// `delay_id`, as the homeserver issued it. Opaque; path-escaped when used.
+    pub delay_id: String,
+    /// `delay_timeout`: the delayed event's timeout, in milliseconds (> 0).
+    pub delay_timeout_ms: u64,
 }
 
 /// Who the client claims to be, in the shape each endpoint gives it.
@@ -108,8 +129,9 @@ pub struct TokenRequest {
     pub matrix_server_name: String,
     /// Who the client claims to be.
     pub claimant: Claimant,
-    /// `true` when both `delay_id` and `delay_timeout` were given (MSC4140 delegation).
-    pub wants_delayed_leave: bool,
+    /// The delayed leave event to keep alive (MSC4140 delegation), when both `delay_id` and
+    /// `delay_timeout` were given.
+    pub delayed_leave: Option<DelayedLeave>,
 }
 
 impl TokenRequest {
@@ -118,36 +140,29 @@ impl TokenRequest {
     /// # Errors
     /// [`MatrixError::NOT_JSON`] when the body is not JSON of the request type (unknown
     /// field, wrong type, invalid UTF-8, trailing data); `M_BAD_JSON` naming the first
-    /// missing or empty required field, or a lone `delay_id` / `delay_timeout`.
+    /// missing or empty required field, a lone `delay_id` / `delay_timeout`, a
+    /// `delay_timeout` that is not positive, or (`/delegate_delayed_leave`) a missing delay
+    /// field. [`TokenEndpoint::SfuWebhook`] is not a token request: `M_NOT_JSON`.
     pub fn decode(endpoint: TokenEndpoint, body: &[u8]) -> Result<Self, MatrixError> {
         match endpoint {
+            TokenEndpoint::SfuWebhook => Err(MatrixError::NOT_JSON),
+            TokenEndpoint::DelegateDelayedLeave => {
+                let b: DelegateBody =
+                    serde_json::from_slice(body).map_err(|_| MatrixError::NOT_JSON)?;
+                let delay_id = required(b.delay_id.clone(), "Missing field: delay_id")?;
+                let delay_timeout_ms = positive_timeout(b.delay_timeout)?
+                    .ok_or(MatrixError::bad_json("Missing field: delay_timeout"))?;
+                let mut request = Self::get_token(endpoint, b)?;
+                request.delayed_leave = Some(DelayedLeave {
+                    delay_id,
+                    delay_timeout_ms,
+                });
+                Ok(request)
+            }
             TokenEndpoint::GetToken => {
                 let b: GetTokenBody =
                     serde_json::from_slice(body).map_err(|_| MatrixError::NOT_JSON)?;
-                let (access_token, matrix_server_name) = openid_fields(b.openid_token)?;
-                let member = b
-                    .member
-                    .ok_or(MatrixError::bad_json("Missing field: member"))?;
-                let request = Self {
-                    endpoint,
-                    room_id: required(b.room_id, "Missing field: room_id")?,
-                    slot_id: required(b.slot_id, "Missing field: slot_id")?,
-                    access_token,
-                    matrix_server_name,
-                    claimant: Claimant::Member {
-                        id: required(member.id, "Missing field: member.id")?,
-                        claimed_user_id: required(
-                            member.claimed_user_id,
-                            "Missing field: member.claimed_user_id",
-                        )?,
-                        claimed_device_id: required(
-                            member.claimed_device_id,
-                            "Missing field: member.claimed_device_id",
-                        )?,
-                    },
-                    wants_delayed_leave: delay_pair(b.delay_id.as_deref(), b.delay_timeout)?,
-                };
-                Ok(request)
+                Self::get_token(endpoint, b)
             }
             TokenEndpoint::SfuGet => {
                 let b: SfuGetBody =
@@ -162,10 +177,38 @@ impl TokenRequest {
                     claimant: Claimant::Legacy {
                         device_id: required(b.device_id, "Missing field: device_id")?,
                     },
-                    wants_delayed_leave: delay_pair(b.delay_id.as_deref(), b.delay_timeout)?,
+                    delayed_leave: delay_pair(b.delay_id, b.delay_timeout)?,
                 })
             }
         }
+    }
+
+    /// A `/get_token`-shaped body (also `/delegate_delayed_leave`'s).
+    fn get_token(endpoint: TokenEndpoint, b: GetTokenBody) -> Result<Self, MatrixError> {
+        let (access_token, matrix_server_name) = openid_fields(b.openid_token)?;
+        let member = b
+            .member
+            .ok_or(MatrixError::bad_json("Missing field: member"))?;
+        let request = Self {
+            endpoint,
+            room_id: required(b.room_id, "Missing field: room_id")?,
+            slot_id: required(b.slot_id, "Missing field: slot_id")?,
+            access_token,
+            matrix_server_name,
+            claimant: Claimant::Member {
+                id: required(member.id, "Missing field: member.id")?,
+                claimed_user_id: required(
+                    member.claimed_user_id,
+                    "Missing field: member.claimed_user_id",
+                )?,
+                claimed_device_id: required(
+                    member.claimed_device_id,
+                    "Missing field: member.claimed_device_id",
+                )?,
+            },
+            delayed_leave: delay_pair(b.delay_id, b.delay_timeout)?,
+        };
+        Ok(request)
     }
 
     /// The LiveKit room name for this request.
@@ -218,15 +261,30 @@ fn openid_fields(token: Option<OpenIdToken>) -> Result<(String, String), MatrixE
 }
 
 /// `delay_id` and `delay_timeout` come together or not at all (lk-jwt-service).
-fn delay_pair(delay_id: Option<&str>, delay_timeout: Option<i64>) -> Result<bool, MatrixError> {
-    let has_id = delay_id.is_some_and(|s| !s.is_empty());
-    let has_timeout = delay_timeout.is_some_and(|t| t != 0);
-    match (has_id, has_timeout) {
-        (true, true) => Ok(true),
-        (false, false) => Ok(false),
+fn delay_pair(
+    delay_id: Option<String>,
+    delay_timeout: Option<i64>,
+) -> Result<Option<DelayedLeave>, MatrixError> {
+    let delay_id = delay_id.filter(|s| !s.is_empty());
+    match (delay_id, positive_timeout(delay_timeout)?) {
+        (Some(delay_id), Some(delay_timeout_ms)) => Ok(Some(DelayedLeave {
+            delay_id,
+            delay_timeout_ms,
+        })),
+        (None, None) => Ok(None),
         _ => Err(MatrixError::bad_json(
             "delay_id and delay_timeout must be given together",
         )),
+    }
+}
+
+/// `delay_timeout`: absent or 0 is `None`; negative is `M_BAD_JSON`.
+fn positive_timeout(delay_timeout: Option<i64>) -> Result<Option<u64>, MatrixError> {
+    match delay_timeout {
+        None | Some(0) => Ok(None),
+        Some(t) => u64::try_from(t)
+            .map(Some)
+            .map_err(|_| MatrixError::bad_json("delay_timeout must be positive")),
     }
 }
 
@@ -252,7 +310,7 @@ mod tests {
         let r = TokenRequest::decode(TokenEndpoint::GetToken, get_token("").as_bytes()).unwrap();
         assert_eq!(r.access_token, "tok");
         assert_eq!(r.matrix_server_name, "example.org");
-        assert!(!r.wants_delayed_leave);
+        assert_eq!(r.delayed_leave, None);
         assert!(r.claim_matches("@alice:example.org"));
         assert!(!r.claim_matches("@bob:example.org"));
     }
@@ -350,6 +408,62 @@ mod tests {
         let body =
             get_token(r#","delay_id":"d","delay_timeout":1000,"delay_cs_api_url":"https://x""#);
         let r = TokenRequest::decode(TokenEndpoint::GetToken, body.as_bytes()).unwrap();
-        assert!(r.wants_delayed_leave);
+        assert_eq!(
+            r.delayed_leave,
+            Some(DelayedLeave {
+                delay_id: "d".into(),
+                delay_timeout_ms: 1000
+            })
+        );
+        assert_eq!(
+            err(
+                TokenEndpoint::GetToken,
+                &get_token(r#","delay_id":"d","delay_timeout":-5"#)
+            )
+            .error,
+            "delay_timeout must be positive"
+        );
+    }
+
+    #[test]
+    fn delegate_delayed_leave_requires_every_field() {
+        let full = get_token(r#","delay_id":"syd_x","delay_timeout":8000"#);
+        let r = TokenRequest::decode(TokenEndpoint::DelegateDelayedLeave, full.as_bytes()).unwrap();
+        assert_eq!(r.endpoint, TokenEndpoint::DelegateDelayedLeave);
+        assert_eq!(r.delayed_leave.unwrap().delay_timeout_ms, 8000);
+        for (body, missing) in [
+            (get_token(r#","delay_timeout":8000"#), "delay_id"),
+            (get_token(r#","delay_id":"syd_x""#), "delay_timeout"),
+            (
+                get_token(r#","delay_id":"","delay_timeout":8000"#),
+                "delay_id",
+            ),
+            (
+                get_token(r#","delay_id":"d","delay_timeout":0"#),
+                "delay_timeout",
+            ),
+        ] {
+            let e = err(TokenEndpoint::DelegateDelayedLeave, &body);
+            assert_eq!(
+                (e.status, e.errcode, e.error),
+                (
+                    400,
+                    "M_BAD_JSON",
+                    format!("Missing field: {missing}").as_str()
+                )
+            );
+        }
+        let no_member = full.replace(
+            r#","member":{"id":"m1","claimed_user_id":"@alice:example.org","claimed_device_id":"DEV"}"#,
+            "",
+        );
+        assert_eq!(
+            err(TokenEndpoint::DelegateDelayedLeave, &no_member).error,
+            "Missing field: member"
+        );
+        assert_eq!(
+            err(TokenEndpoint::DelegateDelayedLeave, r#"{"x":1}"#).errcode,
+            "M_NOT_JSON"
+        );
     }
 }

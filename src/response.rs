@@ -71,6 +71,18 @@ impl LocalResponse {
         Self::with_cors(200, b"{}".to_vec())
     }
 
+    /// 200 `{}` with the CORS headers: `/delegate_delayed_leave` accepted the delayed event
+    /// (lk-jwt-service's `DelegateDelayedLeaveResponse`).
+    pub fn delegated() -> Self {
+        Self::with_cors(200, b"{}".to_vec())
+    }
+
+    /// 200 with an empty body: `/sfu_webhook` took a verified webhook (LiveKit only looks at
+    /// the status).
+    pub fn webhook_accepted() -> Self {
+        Self::healthy()
+    }
+
     /// `/healthz`: 200 with an empty body.
     pub fn healthy() -> Self {
         Self {

@@ -6,8 +6,8 @@
 //! SHA-256 of the request body (LiveKit server SDK `webhook.Receive`; lk-jwt-service verifies
 //! them the same way). Host-agnostic: the adapters pass the body, the header and the time.
 //!
-//! Status: the verification and event parsing are complete and tested; the delayed-leave jobs
-//! that consume them are not built yet, so no adapter serves `/sfu_webhook` (README "Status").
+//! The Envoy filter serves `/sfu_webhook` with this and hands the participant signals to the
+//! delayed-leave job service ([`crate::job_service`]).
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -48,7 +48,7 @@ impl std::fmt::Display for WebhookError {
 }
 
 /// What the delayed-leave jobs learn from a webhook about a participant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ParticipantSignal {
     /// `participant_joined`: connected to the SFU.
     Joined,
@@ -153,6 +153,27 @@ pub fn verify(
     })
 }
 
+/// Test helper: webhook tokens as LiveKit makes them.
+#[cfg(test)]
+pub mod tests_support {
+    use super::*;
+
+    /// A webhook token for `body`: HS256 with `secret`, `iss` = `api_key`, valid from `now`
+    /// for 60 s, `sha256` of the body.
+    pub fn sign(body: &[u8], api_key: &str, secret: &[u8], now: u64) -> String {
+        crate::hs256::install();
+        let sha256 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
+        let claims =
+            serde_json::json!({"iss": api_key, "nbf": now, "exp": now + 60, "sha256": sha256});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,11 +197,7 @@ mod tests {
 
     /// A webhook token for `body` as LiveKit makes it, valid around [`NOW`].
     fn token_for(body: &[u8]) -> String {
-        let sha256 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
-        sign(
-            serde_json::json!({"iss": "devkey", "exp": NOW + 60, "sha256": sha256}),
-            SECRET,
-        )
+        tests_support::sign(body, "devkey", SECRET, NOW)
     }
 
     #[test]

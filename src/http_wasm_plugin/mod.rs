@@ -139,20 +139,36 @@ fn read_body(request: &Request) -> Option<Vec<u8>> {
 impl Plugin {
     /// Runs a token exchange to its answer: reads the body, then makes each callout the state
     /// machine asks for, blocking, until it answers.
+    ///
+    /// Delayed-leave delegation needs timers, which http-wasm guests do not get: the
+    /// delegation endpoints answer 404 `M_UNRECOGNIZED` and delay parameters 400
+    /// `M_BAD_JSON`, both saying delegation is not available here (README "Delayed leave
+    /// delegation").
     fn token_request(&self, endpoint: TokenEndpoint, request: &Request) -> LocalResponse {
         let (Some(service), Some(transport)) = (&self.settings.token_service, &self.transport)
         else {
             return LocalResponse::error(MatrixError::UNRECOGNIZED);
         };
+        if exchange::needs_job_service(endpoint) {
+            log::warn!(
+                "{endpoint:?} asked: delayed-leave delegation needs timers, which Traefik's \
+                 wasm host does not give plugins; run it in Envoy or lk-jwt-service"
+            );
+            return LocalResponse::error(MatrixError::DELEGATION_ENDPOINT_UNAVAILABLE);
+        }
         let Some(body) = read_body(request) else {
             log::info!("token request refused: body larger than {MAX_REQUEST_BODY_BYTES} bytes");
             return LocalResponse::error(MatrixError::TOO_LARGE);
         };
         let (mut exchange, mut step) =
-            TokenExchange::start(service, endpoint, &body, &self.cache, now_secs());
+            TokenExchange::start(service, endpoint, &body, &self.cache, now_secs(), false);
         loop {
             match step {
                 Step::Respond(r) => return r,
+                // Not reached: this exchange never delegates.
+                Step::Handover { .. } => {
+                    return LocalResponse::error(MatrixError::DELEGATION_FAILED)
+                }
                 Step::Callout(c) => {
                     let answer = transport.fetch(&c, exchange.max_callout_body());
                     let result = match &answer {

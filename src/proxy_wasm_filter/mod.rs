@@ -2,6 +2,13 @@
 //! configuration once, and an http context per request that turns the core's decisions into
 //! host calls (`set_http_request_header`, `send_http_response`, `dispatch_http_call`).
 //!
+//! The same module also runs the delayed-leave job service (MSC4140 delegation) when Envoy
+//! loads it as a singleton `WasmService` with root id [`JOB_SERVICE_ROOT_ID`]: one root
+//! context on Envoy's main thread owns every job ([`crate::job_service`]), registers the shared
+//! queue [`JOB_QUEUE`], and is driven by `on_queue_ready` (handovers and webhook events the
+//! http filters of every worker enqueue), `on_tick` and its own callouts. A job therefore
+//! lives in exactly one place whatever worker served the request.
+//!
 //! Every host call goes through `proxy_wasm::hostcalls`, whose `Result`s are handled here,
 //! instead of the SDK trait helpers that `unwrap` them: a panic would kill the VM. Facts this
 //! relies on (measured on Envoy 1.40, README "Envoy notes"): a callback may carry zero headers
@@ -14,12 +21,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::config::{self, Host, Settings};
+use crate::config::{self, Host, Settings, TokenService};
 use crate::discovery::{CachedDelegation, DiscoveryCache};
 use crate::exchange::{
     self, Callout, CalloutResult, CalloutTarget, Decision, Step, TokenExchange,
     MAX_REQUEST_BODY_BYTES,
 };
+use crate::job_service::{Answer, JobCallout, JobService, Message, Pending, MAX_ANSWER_BYTES};
 use crate::logging;
 use crate::logging::{loggable_request_id, set_request_id};
 use crate::matrix::MatrixError;
@@ -32,7 +40,7 @@ mod entry {
     use super::*;
     proxy_wasm::main! {{
         install_logger();
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { settings: None }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { settings: None, jobs: None }) });
     }}
 }
 
@@ -57,12 +65,138 @@ fn install_logger() {
     }));
 }
 
-/// Root context: owns the validated plugin configuration.
+/// Root id of the delayed-leave job service (`WasmService` `config.root_id`).
+pub const JOB_SERVICE_ROOT_ID: &str = "matrixrtc_delayed_leave";
+/// Name of the shared queue the job service registers and the http filters resolve.
+pub const JOB_QUEUE: &str = "matrixrtc_livekit_auth.delayed_leave";
+/// How often the job service wakes up to look at its jobs.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Root context: owns the validated plugin configuration; in the job service, the jobs.
 struct Root {
     settings: Option<Rc<Settings>>,
+    jobs: Option<JobRunner>,
 }
 
-impl Context for Root {}
+/// The job service's state (root context of the singleton `WasmService`).
+struct JobRunner {
+    jobs: JobService,
+    queue: u32,
+    /// Callouts in flight by token: job, what it waits for, target, start (ms).
+    in_flight: std::collections::BTreeMap<u32, (u64, Pending, CalloutTarget, u64)>,
+}
+
+impl Root {
+    /// Makes the callouts jobs asked for; a callout that cannot be dispatched is answered as
+    /// "no answer" at once (the job retries later), so this never loops.
+    fn run_callouts(&mut self, mut callouts: Vec<JobCallout>) {
+        let (Some(settings), Some(runner)) = (self.settings.clone(), self.jobs.as_mut()) else {
+            return;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return;
+        };
+        let mut budget = 10_000usize;
+        while let Some(c) = callouts.pop() {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                log::error!("delayed leave: too many callouts at once; dropping the rest");
+                break;
+            }
+            let cluster = cluster_for(service, c.callout.target, c.callout.upstream.tls);
+            match dispatch(cluster, &c.callout) {
+                Ok(token) => {
+                    runner
+                        .in_flight
+                        .insert(token, (c.job, c.pending, c.callout.target, now_ms()));
+                }
+                Err(detail) => {
+                    count(&metrics::callouts(c.callout.target, None, false));
+                    log::warn!(
+                        "delayed leave: callout to {} via cluster {cluster} not dispatched: {detail}",
+                        c.callout.upstream.authority
+                    );
+                    let next =
+                        runner
+                            .jobs
+                            .answer(service, c.job, c.pending, Answer::default(), now_ms());
+                    callouts.extend(next);
+                }
+            }
+        }
+        record_jobs(&mut runner.jobs);
+    }
+}
+
+/// Counts finished jobs and sets the running-jobs gauge.
+fn record_jobs(jobs: &mut JobService) {
+    for outcome in jobs.take_finished() {
+        count(&metrics::delayed_leave_jobs(outcome));
+    }
+    if let Some(id) = metric_id(metrics::DELAYED_LEAVE_JOBS_RUNNING, MetricType::Gauge) {
+        let _ = hostcalls::record_metric(id, u64::try_from(jobs.len()).unwrap_or(u64::MAX));
+    }
+}
+
+/// The cluster a callout goes through (plugin configuration `envoy…Cluster` keys).
+fn cluster_for(service: &TokenService, target: CalloutTarget, tls: bool) -> &str {
+    match (target, tls) {
+        (CalloutTarget::LiveKit, _) => &service.envoy_livekit_cluster,
+        (_, true) if service.insecure_skip_verify => &service.envoy_insecure_tls_cluster,
+        (_, true) => &service.envoy_tls_cluster,
+        (_, false) => &service.envoy_plain_cluster,
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        set_request_id(None);
+        let (Some(settings), Some(runner)) = (self.settings.clone(), self.jobs.as_mut()) else {
+            return;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return;
+        };
+        let Some((job, pending, target, started)) = runner.in_flight.remove(&token_id) else {
+            return;
+        };
+        let now = now_ms();
+        record(
+            &metrics::callout_duration_ms(target),
+            now.saturating_sub(started),
+        );
+        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let status = header(":status").and_then(|v| v.parse::<u16>().ok());
+        count(&metrics::callouts(target, status, true));
+        let body = hostcalls::get_buffer(
+            BufferType::HttpCallResponseBody,
+            0,
+            body_size.min(MAX_ANSWER_BYTES),
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let answer = Answer {
+            status,
+            retry_after: header("retry-after"),
+            body: &body,
+        };
+        let next = runner.jobs.answer(service, job, pending, answer, now);
+        self.run_callouts(next);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -77,6 +211,7 @@ impl RootContext for Root {
         let parsed = Settings::from_json(&bytes, &|name| std::env::var(name).ok())
             .and_then(|s| config::refuse_keys_of_other_host(&bytes, Host::Envoy).map(|()| s));
         match parsed {
+            Ok(settings) if is_job_service() => self.start_job_service(settings),
             Ok(settings) => {
                 log::set_max_level(settings.log_level);
                 let prefixes: Vec<&str> =
@@ -103,6 +238,42 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        set_request_id(None);
+        let (Some(settings), Some(runner)) = (self.settings.clone(), self.jobs.as_mut()) else {
+            return;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return;
+        };
+        if queue_id != runner.queue {
+            return;
+        }
+        let mut callouts = Vec::new();
+        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(queue_id) {
+            match Message::decode(&bytes) {
+                Some(message) => callouts.extend(runner.jobs.receive(service, message, now_ms())),
+                None => log::error!("delayed leave: unreadable message in the job queue"),
+            }
+        }
+        self.run_callouts(callouts);
+    }
+
+    fn on_tick(&mut self) {
+        set_request_id(None);
+        let (Some(settings), Some(runner)) = (self.settings.clone(), self.jobs.as_mut()) else {
+            return;
+        };
+        let Some(service) = settings.token_service.as_ref() else {
+            return;
+        };
+        let now = now_ms();
+        if runner.jobs.next_wakeup().is_some_and(|at| at <= now) {
+            let callouts = runner.jobs.tick(service, now);
+            self.run_callouts(callouts);
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK panics on `None`; without settings (never configured) the filter passes
         // everything through.
@@ -110,11 +281,72 @@ impl RootContext for Root {
             settings: self.settings.clone(),
             phase: Phase::Idle,
             request_id: None,
+            authorization: None,
         }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// `true` when this root context is the job service (root id [`JOB_SERVICE_ROOT_ID`]).
+fn is_job_service() -> bool {
+    hostcalls::get_property(vec!["plugin_root_id"])
+        .ok()
+        .flatten()
+        .is_some_and(|id| id == JOB_SERVICE_ROOT_ID.as_bytes())
+}
+
+/// The job queue as seen from an http filter: `Some` when the job service runs in this Envoy
+/// (same `vm_id`).
+fn job_queue() -> Option<u32> {
+    let vm_id = hostcalls::get_property(vec!["plugin_vm_id"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default();
+    hostcalls::resolve_shared_queue(&vm_id, JOB_QUEUE)
+        .ok()
+        .flatten()
+}
+
+impl Root {
+    fn start_job_service(&mut self, settings: Settings) -> bool {
+        log::set_max_level(settings.log_level);
+        if settings.token_service.is_none() {
+            log::error!(
+                "invalid plugin configuration: livekitUrl: the delayed-leave job service \
+                 ({JOB_SERVICE_ROOT_ID}) needs the token service configuration; give it the \
+                 same plugin configuration as the http filter"
+            );
+            return false;
+        }
+        let queue = match hostcalls::register_shared_queue(JOB_QUEUE) {
+            Ok(q) => q,
+            Err(status) => {
+                log::error!("delayed leave: registering the job queue failed: {status:?}");
+                return false;
+            }
+        };
+        if let Err(status) = hostcalls::set_tick_period(TICK) {
+            log::error!("delayed leave: setting the tick period failed: {status:?}");
+            return false;
+        }
+        log::info!(
+            "delayed-leave job service running (queue {JOB_QUEUE}, sanity check every {} ms)",
+            settings
+                .token_service
+                .as_ref()
+                .map_or(0, |t| t.sanity_check_interval_ms)
+        );
+        self.settings = Some(Rc::new(settings));
+        self.jobs = Some(JobRunner {
+            jobs: JobService::new(),
+            queue,
+            in_flight: std::collections::BTreeMap::new(),
+        });
+        true
     }
 }
 
@@ -137,6 +369,8 @@ struct Filter {
     phase: Phase,
     /// `x-request-id` of a token request (read only for those: they are what logs).
     request_id: Option<String>,
+    /// `authorization` of a `/sfu_webhook` request (LiveKit's signature token).
+    authorization: Option<String>,
 }
 
 fn request_header(name: &str) -> Option<String> {
@@ -215,8 +449,28 @@ impl Filter {
         let Some(service) = settings.token_service.as_ref() else {
             return Action::Continue;
         };
-        let (exchange, step) =
-            TokenExchange::start(service, endpoint, body, &SharedDataCache, now_secs());
+        if endpoint == TokenEndpoint::SfuWebhook {
+            let (response, message) =
+                exchange::sfu_webhook(service, self.authorization.as_deref(), body, now_secs());
+            let response = match message {
+                Some(m) => hand_over(&m).map_or_else(LocalResponse::error, |()| response),
+                None => response,
+            };
+            count(&metrics::token_requests(
+                endpoint,
+                metrics::outcome(&response, None),
+            ));
+            return self.respond(&response);
+        }
+        let delegation = job_queue().is_some();
+        let (exchange, step) = TokenExchange::start(
+            service,
+            endpoint,
+            body,
+            &SharedDataCache,
+            now_secs(),
+            delegation,
+        );
         self.drive(endpoint, exchange, step)
     }
 
@@ -240,20 +494,15 @@ impl Filter {
                     count(&metrics::token_requests(endpoint, outcome));
                     return self.respond(&r);
                 }
+                Step::Handover { handover, response } => {
+                    let response = hand_over(&Message::Handover(handover))
+                        .map_or_else(LocalResponse::error, |()| response);
+                    let outcome = metrics::outcome(&response, exchange.issued_full_access());
+                    count(&metrics::token_requests(endpoint, outcome));
+                    return self.respond(&response);
+                }
                 Step::Callout(c) => {
-                    let cluster = match (c.target, c.upstream.tls) {
-                        (CalloutTarget::LiveKit, _) => &service.envoy_livekit_cluster,
-                        (CalloutTarget::Homeserver | CalloutTarget::WellKnown, true) => {
-                            if service.insecure_skip_verify {
-                                &service.envoy_insecure_tls_cluster
-                            } else {
-                                &service.envoy_tls_cluster
-                            }
-                        }
-                        (CalloutTarget::Homeserver | CalloutTarget::WellKnown, false) => {
-                            &service.envoy_plain_cluster
-                        }
-                    };
+                    let cluster = cluster_for(service, c.target, c.upstream.tls);
                     match dispatch(cluster, &c) {
                         Ok(token) => {
                             self.phase = Phase::AwaitingCallout {
@@ -290,6 +539,22 @@ impl Filter {
             }
         }
     }
+}
+
+/// Enqueues `message` for the job service.
+///
+/// # Errors
+/// [`MatrixError::DELEGATION_FAILED`] when the job service is not running or the queue
+/// refuses the message (logged).
+fn hand_over(message: &Message) -> Result<(), MatrixError> {
+    let Some(queue) = job_queue() else {
+        log::error!("delayed leave: the job service ({JOB_SERVICE_ROOT_ID}) is not running");
+        return Err(MatrixError::DELEGATION_FAILED);
+    };
+    hostcalls::enqueue_shared_queue(queue, Some(&message.encode())).map_err(|status| {
+        log::error!("delayed leave: enqueueing for the job service failed: {status:?}");
+        MatrixError::DELEGATION_FAILED
+    })
 }
 
 /// `.well-known` results in proxy-wasm shared data, visible to every worker's VM. Bounded: a
@@ -476,6 +741,19 @@ impl HttpContext for Filter {
             Decision::ReadBody(endpoint) => {
                 self.request_id = loggable_request_id(request_header("x-request-id"));
                 set_request_id(self.request_id.clone());
+                if exchange::needs_job_service(endpoint) && job_queue().is_none() {
+                    log::warn!(
+                        "{endpoint:?} asked, but the delayed-leave job service \
+                         ({JOB_SERVICE_ROOT_ID}) does not run in this Envoy"
+                    );
+                    count(&metrics::token_requests(endpoint, "unavailable"));
+                    return self.respond(&LocalResponse::error(
+                        MatrixError::DELEGATION_ENDPOINT_UNAVAILABLE,
+                    ));
+                }
+                if endpoint == TokenEndpoint::SfuWebhook {
+                    self.authorization = request_header("authorization");
+                }
                 log::debug!("token request to {endpoint:?}: reading the body");
                 let declared =
                     request_header("content-length").and_then(|v| v.trim().parse::<usize>().ok());

@@ -1,0 +1,540 @@
+//! The delayed-leave job service (MSC4140 delegation, issue #8): every [`Job`] of one proxy,
+//! keyed by (LiveKit room alias, LiveKit identity), and the callouts they ask for. It follows
+//! lk-jwt-service's `Handler.loop` (one owner of the jobs map; a new job for the same key
+//! replaces the old one; webhook events are routed by key).
+//!
+//! Host-agnostic and single-threaded: the host delivers [`Message`]s (job handovers from
+//! token and `/delegate_delayed_leave` requests, verified webhook events), calls
+//! [`JobService::tick`] at [`JobService::next_wakeup`], makes each returned [`JobCallout`] and
+//! feeds its answer to [`JobService::answer`]. Times are milliseconds since the Unix epoch.
+//!
+//! Jobs live in memory only. When the proxy restarts they are lost; the homeserver then sends
+//! each delayed leave event by itself when its `delay_timeout` runs out (MSC4140's own
+//! safety net), so a participant who is still connected may be shown as left until their
+//! client re-delegates. lk-jwt-service can persist jobs in Redis; this product does not.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{TokenService, Upstream};
+use crate::delayed_leave::{action_path, Action, HomeserverAction, Input, Job, Outcome, State};
+use crate::exchange::{Callout, CalloutTarget};
+use crate::livekit::{self, Claims};
+use crate::webhook::ParticipantSignal;
+
+/// Most jobs one proxy keeps. A handover beyond it is dropped with an error log; its delayed
+/// event then fires by itself at its timeout.
+pub const MAX_JOBS: usize = 10_000;
+
+/// Largest answer body the service reads from a job callout, in bytes (`retry_after_ms`,
+/// Twirp error codes).
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024;
+
+/// A job handed over by a token or `/delegate_delayed_leave` request after the OpenID check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The LiveKit room alias.
+    pub room: String,
+    /// The participant's LiveKit identity.
+    pub identity: String,
+    /// The verified Matrix user ID (for logs).
+    pub user_id: String,
+    /// MSC4140 `delay_id`. A capability for the delayed event: never logged.
+    pub delay_id: String,
+    /// MSC4140 `delay_timeout`, milliseconds.
+    pub delay_timeout_ms: u64,
+    /// The user's Client-Server API (`csApiUrls` or `.well-known/matrix/client`).
+    pub cs_api: Upstream,
+}
+
+/// What the job service receives from request handlers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Start (or replace) the job for `(room, identity)`.
+    Handover(Handover),
+    /// A verified LiveKit webhook about a participant.
+    Participant {
+        /// `room.name`.
+        room: String,
+        /// `participant.identity`.
+        identity: String,
+        /// What happened.
+        signal: ParticipantSignal,
+    },
+}
+
+impl Message {
+    /// The message as bytes (JSON), e.g. for an Envoy shared queue.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A message from [`Message::encode`]'s bytes; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// Which answer a job callout waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// A delayed-event restart or send on the homeserver.
+    Homeserver(HomeserverAction),
+    /// A LiveKit GetParticipant lookup.
+    Lookup,
+}
+
+/// The answer to a [`JobCallout`], as the host saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answer<'a> {
+    /// HTTP status, `None` when there was no answer (connect failure, timeout, reset, not
+    /// dispatched).
+    pub status: Option<u16>,
+    /// The `Retry-After` header.
+    pub retry_after: Option<&'a str>,
+    /// The body (at most [`MAX_ANSWER_BYTES`] are read).
+    pub body: &'a [u8],
+}
+
+/// A callout a job needs now: make `callout`, then call [`JobService::answer`] with `job` and
+/// `pending`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCallout {
+    /// The job's id (a replaced job's late answers are ignored by id).
+    pub job: u64,
+    /// What the answer is for.
+    pub pending: Pending,
+    /// The request.
+    pub callout: Callout,
+}
+
+struct Entry {
+    id: u64,
+    job: Job,
+    handover: Handover,
+}
+
+/// All delayed-leave jobs of one proxy.
+#[derive(Default)]
+pub struct JobService {
+    jobs: BTreeMap<(String, String), Entry>,
+    next_id: u64,
+    finished: Vec<Outcome>,
+}
+
+impl JobService {
+    /// An empty service.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many jobs are running.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// `true` when no job runs.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// How the jobs that ended since the last call ended (for metrics).
+    pub fn take_finished(&mut self) -> Vec<Outcome> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// The earliest time (ms) a job wants [`JobService::tick`], `None` without jobs waiting.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.jobs.values().filter_map(|e| e.job.next_wakeup()).min()
+    }
+
+    /// Takes a message at `now` (ms): a handover starts a job (replacing the one for the same
+    /// room and identity), a participant signal goes to its job (ignored without one).
+    /// Returns the callouts to make now.
+    pub fn receive(
+        &mut self,
+        service: &TokenService,
+        message: Message,
+        now: u64,
+    ) -> Vec<JobCallout> {
+        match message {
+            Message::Handover(handover) => self.start(service, handover, now),
+            Message::Participant {
+                room,
+                identity,
+                signal,
+            } => {
+                let key = (room, identity);
+                log::debug!("delayed leave: {signal:?} for {} in room {}", key.1, key.0);
+                self.step(service, &key, None, Input::Participant(signal), now)
+            }
+        }
+    }
+
+    fn start(&mut self, service: &TokenService, handover: Handover, now: u64) -> Vec<JobCallout> {
+        let key = (handover.room.clone(), handover.identity.clone());
+        if let Some(mut old) = self.jobs.remove(&key) {
+            old.job.step(Input::Replaced, now);
+            self.finished.push(Outcome::Replaced);
+            log::info!(
+                "delayed leave: job {} for {} in room {} replaced by a newer one",
+                old.id,
+                old.handover.user_id,
+                key.0
+            );
+        } else if self.jobs.len() >= MAX_JOBS {
+            log::error!(
+                "delayed leave: {MAX_JOBS} jobs already running; the delayed leave event of {} \
+                 in room {} is left to its homeserver timeout",
+                handover.user_id,
+                key.0
+            );
+            return Vec::new();
+        }
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id;
+        log::info!(
+            "delayed leave: job {id} started for {} in room {} (timeout {} ms, Client-Server API {})",
+            handover.user_id,
+            key.0,
+            handover.delay_timeout_ms,
+            handover.cs_api.authority
+        );
+        let job = Job::new(
+            now,
+            handover.delay_timeout_ms,
+            service.sanity_check_interval_ms,
+        );
+        self.jobs.insert(key.clone(), Entry { id, job, handover });
+        self.step(service, &key, Some(id), Input::Tick, now)
+    }
+
+    /// Wakes every job that is due at `now` (ms); returns the callouts to make.
+    pub fn tick(&mut self, service: &TokenService, now: u64) -> Vec<JobCallout> {
+        let due: Vec<(String, String)> = self
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.job.next_wakeup().is_some_and(|at| at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        due.iter()
+            .flat_map(|key| self.step(service, key, None, Input::Tick, now))
+            .collect()
+    }
+
+    /// Feeds the [`Answer`] of a [`JobCallout`] made for job `job` at `now` (ms). Answers for
+    /// a job that was replaced or finished are ignored. Returns the next callouts.
+    pub fn answer(
+        &mut self,
+        service: &TokenService,
+        job: u64,
+        pending: Pending,
+        answer: Answer<'_>,
+        now: u64,
+    ) -> Vec<JobCallout> {
+        let Answer {
+            status,
+            retry_after,
+            body,
+        } = answer;
+        let Some(key) = self
+            .jobs
+            .iter()
+            .find(|(_, e)| e.id == job)
+            .map(|(k, _)| k.clone())
+        else {
+            return Vec::new();
+        };
+        let body = body.get(..body.len().min(MAX_ANSWER_BYTES)).unwrap_or(body);
+        let input = match pending {
+            Pending::Homeserver(action) => {
+                log::debug!(
+                    "delayed leave: job {job} {action:?} answered {}",
+                    status.map_or("nothing".to_owned(), |s| s.to_string())
+                );
+                Input::Homeserver {
+                    status,
+                    retry_after_ms: retry_after_ms(retry_after, body),
+                }
+            }
+            Pending::Lookup => Input::Lookup(livekit::participant_present(status, body)),
+        };
+        self.step(service, &key, Some(job), input, now)
+    }
+
+    /// Steps the job for `key` (only if its id is `id`, when given), logs and removes it when
+    /// it finished, and builds the callouts it asked for.
+    fn step(
+        &mut self,
+        service: &TokenService,
+        key: &(String, String),
+        id: Option<u64>,
+        input: Input,
+        now: u64,
+    ) -> Vec<JobCallout> {
+        let Some(entry) = self
+            .jobs
+            .get_mut(key)
+            .filter(|e| id.is_none_or(|i| i == e.id))
+        else {
+            return Vec::new();
+        };
+        let actions = entry.job.step(input, now);
+        let callouts = actions
+            .into_iter()
+            .map(|action| job_callout(service, entry, action, now))
+            .collect();
+        if let State::Finished(outcome) = entry.job.state() {
+            log::info!(
+                "delayed leave: job {} for {} in room {} ended: {outcome:?}",
+                entry.id,
+                entry.handover.user_id,
+                key.0
+            );
+            self.finished.push(outcome);
+            self.jobs.remove(key);
+        }
+        callouts
+    }
+}
+
+fn job_callout(service: &TokenService, entry: &Entry, action: Action, now: u64) -> JobCallout {
+    let h = &entry.handover;
+    let (pending, callout) = match action {
+        Action::Homeserver(verb) => (
+            Pending::Homeserver(verb),
+            Callout {
+                target: CalloutTarget::DelayedEvents,
+                upstream: h.cs_api.clone(),
+                method: "POST",
+                path: format!("{}{}", h.cs_api.base_path, action_path(&h.delay_id, verb)),
+                headers: vec![("content-type", "application/json".to_owned())],
+                body: b"{}".to_vec(),
+                timeout_ms: service.callout_timeout_ms,
+            },
+        ),
+        Action::LookupParticipant => {
+            let token = Claims::room_admin(&service.api_key, &h.room, now / 1_000)
+                .sign(service.api_secret.expose())
+                .unwrap_or_default();
+            (
+                Pending::Lookup,
+                Callout {
+                    target: CalloutTarget::LiveKit,
+                    upstream: service.livekit_api.clone(),
+                    method: "POST",
+                    path: format!(
+                        "{}{}",
+                        service.livekit_api.base_path,
+                        livekit::GET_PARTICIPANT_PATH
+                    ),
+                    headers: vec![
+                        ("content-type", "application/protobuf".to_owned()),
+                        ("authorization", format!("Bearer {token}")),
+                    ],
+                    body: livekit::get_participant_body(&h.room, &h.identity),
+                    timeout_ms: service.callout_timeout_ms,
+                },
+            )
+        }
+    };
+    JobCallout {
+        job: entry.id,
+        pending,
+        callout,
+    }
+}
+
+/// The retry delay of a 429 in milliseconds: `Retry-After` in seconds (RFC 9110), else the
+/// body's `retry_after_ms` (Matrix `M_LIMIT_EXCEEDED`). HTTP-date values are not read.
+pub fn retry_after_ms(header: Option<&str>, body: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct LimitExceeded {
+        retry_after_ms: u64,
+    }
+    header
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| secs.saturating_mul(1_000))
+        .or_else(|| {
+            serde_json::from_slice::<LimitExceeded>(body)
+                .ok()
+                .map(|b| b.retry_after_ms)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::delayed_leave::{Outcome, FIRST_RETRY_MS};
+
+    fn service(sanity_secs: u64) -> TokenService {
+        let json = format!(
+            r#"{{"livekitUrl":"ws://127.0.0.1:7880","livekitKey":"devkey","livekitSecret":"secret","fullAccessHomeservers":["example.org"],"sanityCheckIntervalSecs":{sanity_secs}}}"#
+        );
+        Settings::from_json(json.as_bytes(), &|_| None)
+            .unwrap()
+            .token_service
+            .unwrap()
+    }
+
+    fn handover(room: &str, identity: &str, delay_id: &str) -> Message {
+        Message::Handover(Handover {
+            room: room.into(),
+            identity: identity.into(),
+            user_id: "@alice:example.org".into(),
+            delay_id: delay_id.into(),
+            delay_timeout_ms: 10_000,
+            cs_api: Upstream::parse("http://127.0.0.1:8008/cs", false).unwrap(),
+        })
+    }
+
+    fn status(status: u16) -> Answer<'static> {
+        Answer {
+            status: Some(status),
+            ..Answer::default()
+        }
+    }
+
+    fn joined(room: &str, identity: &str) -> Message {
+        Message::Participant {
+            room: room.into(),
+            identity: identity.into(),
+            signal: ParticipantSignal::Joined,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for m in [handover("r", "i", "d"), joined("r", "i")] {
+            assert_eq!(Message::decode(&m.encode()), Some(m));
+        }
+        assert_eq!(Message::decode(b"{\"type\":\"other\"}"), None);
+    }
+
+    #[test]
+    fn connected_job_restarts_on_the_cs_api() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        assert!(jobs
+            .receive(&svc, handover("r", "i", "syd/1"), 0)
+            .is_empty());
+        assert_eq!(jobs.next_wakeup(), Some(FIRST_RETRY_MS));
+        let out = jobs.receive(&svc, joined("r", "i"), 100);
+        assert_eq!(out.len(), 1);
+        let c = &out[0];
+        assert_eq!(c.pending, Pending::Homeserver(HomeserverAction::Restart));
+        assert_eq!(c.callout.method, "POST");
+        assert_eq!(c.callout.upstream.authority, "127.0.0.1:8008");
+        assert_eq!(
+            c.callout.path,
+            "/cs/_matrix/client/unstable/org.matrix.msc4140/delayed_events/syd%2F1/restart"
+        );
+        assert_eq!(c.callout.body, b"{}");
+        let next = jobs.answer(&svc, c.job, c.pending, status(200), 150);
+        assert!(next.is_empty());
+        assert_eq!(jobs.next_wakeup(), Some(150 + 8_000));
+        let again = jobs.tick(&svc, 8_150);
+        assert_eq!(
+            again[0].pending,
+            Pending::Homeserver(HomeserverAction::Restart)
+        );
+    }
+
+    #[test]
+    fn lookup_is_a_signed_get_participant() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        jobs.receive(&svc, handover("room1", "ident", "d"), 0);
+        let out = jobs.tick(&svc, FIRST_RETRY_MS);
+        assert_eq!(out.len(), 1);
+        let c = &out[0].callout;
+        assert_eq!(c.target, CalloutTarget::LiveKit);
+        assert_eq!(c.path, livekit::GET_PARTICIPANT_PATH);
+        assert_eq!(c.body, livekit::get_participant_body("room1", "ident"));
+        let bearer = &c.headers[1].1;
+        assert!(bearer.starts_with("Bearer ey"), "{bearer}");
+        // Present: connected, restart at once.
+        let next = jobs.answer(&svc, out[0].job, Pending::Lookup, status(200), 1_100);
+        assert_eq!(
+            next[0].pending,
+            Pending::Homeserver(HomeserverAction::Restart)
+        );
+    }
+
+    #[test]
+    fn replacement_ignores_the_old_jobs_answers() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        jobs.receive(&svc, handover("r", "i", "old"), 0);
+        let old = jobs.receive(&svc, joined("r", "i"), 10);
+        jobs.receive(&svc, handover("r", "i", "new"), 20);
+        assert_eq!(jobs.len(), 1);
+        // The old restart's 404 must not end the new job.
+        let late = jobs.answer(&svc, old[0].job, old[0].pending, status(404), 30);
+        assert!(late.is_empty());
+        assert_eq!(jobs.len(), 1);
+        let out = jobs.receive(&svc, joined("r", "i"), 40);
+        assert!(out[0].callout.path.contains("/new/restart"));
+        // Another identity is another job.
+        jobs.receive(&svc, handover("r", "j", "other"), 50);
+        assert_eq!(jobs.len(), 2);
+    }
+
+    #[test]
+    fn finished_jobs_are_removed() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        jobs.receive(&svc, handover("r", "i", "d"), 0);
+        let out = jobs.receive(&svc, joined("r", "i"), 10);
+        jobs.answer(&svc, out[0].job, out[0].pending, status(200), 20);
+        let left = jobs.receive(
+            &svc,
+            Message::Participant {
+                room: "r".into(),
+                identity: "i".into(),
+                signal: ParticipantSignal::Left,
+            },
+            30,
+        );
+        assert_eq!(left[0].pending, Pending::Homeserver(HomeserverAction::Send));
+        assert!(left[0].callout.path.ends_with("/d/send"));
+        jobs.answer(&svc, left[0].job, left[0].pending, status(404), 40);
+        assert!(jobs.is_empty(), "404 on send counts as sent");
+        assert_eq!(jobs.take_finished(), vec![Outcome::AlreadySent]);
+        assert!(jobs.take_finished().is_empty());
+        assert_eq!(jobs.next_wakeup(), None);
+    }
+
+    #[test]
+    fn retry_after_sources() {
+        assert_eq!(retry_after_ms(Some(" 3 "), b""), Some(3_000));
+        assert_eq!(
+            retry_after_ms(
+                None,
+                br#"{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":1500}"#
+            ),
+            Some(1_500)
+        );
+        assert_eq!(
+            retry_after_ms(Some("Wed, 21 Oct 2015 07:28:00 GMT"), b""),
+            None
+        );
+    }
+
+    #[test]
+    fn capacity_is_bounded() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        for i in 0..MAX_JOBS {
+            jobs.receive(&svc, handover("r", &i.to_string(), "d"), 0);
+        }
+        jobs.receive(&svc, handover("r", "one more", "d"), 0);
+        assert_eq!(jobs.len(), MAX_JOBS);
+        // Replacing an existing job still works when full.
+        jobs.receive(&svc, handover("r", "0", "d2"), 0);
+        assert_eq!(jobs.len(), MAX_JOBS);
+    }
+}
