@@ -222,3 +222,60 @@ fn internal_full_access_homeserver_gets_a_note() {
     );
     assert!(!err.contains("note: example.org"), "{err}");
 }
+
+#[test]
+fn delegation_settings_go_to_envoy_only() {
+    let env = [
+        ("LIVEKIT_URL", "wss://sfu.example.org"),
+        ("LIVEKIT_KEY", "devkey"),
+        ("LIVEKIT_SECRET", "s3cret-value"),
+        ("LIVEKIT_FULL_ACCESS_HOMESERVERS", "example.org"),
+        (
+            "LIVEKIT_CS_API_URL_OVERRIDES",
+            "example.org=http://synapse:8008, other.example=https://matrix.other.example",
+        ),
+        ("LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS", "15"),
+        ("LIVEKIT_REDIS_URL", "redis://localhost:6379"),
+    ];
+    let (code, out, err) = run(&env, &[]);
+    assert_eq!(code, 0, "{err}");
+    let envoy = plugin_json(&out);
+    assert_eq!(envoy["sanityCheckIntervalSecs"], 15);
+    assert_eq!(
+        envoy["csApiUrls"],
+        serde_json::json!({"example.org": "http://synapse:8008",
+            "other.example": "https://matrix.other.example"})
+    );
+    assert!(out.contains("bootstrap_extensions"), "{out}");
+    let traefik = &out[out.find("# Traefik").unwrap()..];
+    assert!(!traefik.contains("csApiUrls") && !traefik.contains("sanityCheck"));
+    assert!(
+        err.contains("Traefik cannot run delayed-leave jobs"),
+        "{err}"
+    );
+    assert!(err.contains("LIVEKIT_REDIS_URL: not carried over"), "{err}");
+    for (name, value, message) in [
+        (
+            "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS",
+            "-1",
+            "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer",
+        ),
+        (
+            "LIVEKIT_CS_API_URL_OVERRIDES",
+            "example.org",
+            "LIVEKIT_CS_API_URL_OVERRIDES: `example.org` is not",
+        ),
+        (
+            "LIVEKIT_CS_API_URL_OVERRIDES",
+            "example.org=synapse:8008",
+            "csApiUrls.example.org",
+        ),
+    ] {
+        let mut bad = env.to_vec();
+        bad.retain(|(k, _)| *k != name);
+        bad.push((name, value));
+        let (code, _, err) = run(&bad, &[]);
+        assert_eq!(code, 2, "{name}={value}");
+        assert!(err.contains(message), "{err}");
+    }
+}

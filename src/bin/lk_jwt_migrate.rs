@@ -12,7 +12,7 @@
 
 use std::process::ExitCode;
 
-use matrixrtc_livekit_auth::config::Settings;
+use matrixrtc_livekit_auth::config::{self, Settings};
 
 /// What lk-jwt-service reads from its environment, resolved (files read, formats checked).
 struct Migration {
@@ -22,7 +22,18 @@ struct Migration {
     secret: String,
     full_access: Vec<String>,
     insecure: bool,
+    /// `LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS` (Envoy only: delayed-leave jobs).
+    sanity_check_secs: Option<u64>,
+    /// `LIVEKIT_CS_API_URL_OVERRIDES` as (server name, URL) pairs (Envoy only).
+    cs_api_urls: Vec<(String, String)>,
     notes: Vec<String>,
+}
+
+/// Which proxy a printed configuration is for (Traefik refuses the delayed-leave keys).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proxy {
+    Envoy,
+    Traefik,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -136,18 +147,14 @@ fn read_environment() -> Result<Migration, String> {
             "LIVEKIT_CAN_UPDATE_OWN_METADATA",
             "the filter always grants canUpdateOwnMetadata (product contract)",
         ),
-        ("LIVEKIT_REDIS_URL", "no delayed-leave jobs to persist yet"),
+        (
+            "LIVEKIT_REDIS_URL",
+            "delayed-leave jobs live in Envoy's memory; README \"Delayed leave delegation\" says \
+             what a restart does",
+        ),
         (
             "LIVEKIT_REDIS_PASSWORD",
-            "no delayed-leave jobs to persist yet",
-        ),
-        (
-            "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS",
-            "delayed-leave delegation is not built yet",
-        ),
-        (
-            "LIVEKIT_CS_API_URL_OVERRIDES",
-            "delayed-leave delegation is not built yet",
+            "delayed-leave jobs are not persisted",
         ),
         (
             "LIVEKIT_AS_TOKEN",
@@ -170,6 +177,34 @@ fn read_environment() -> Result<Migration, String> {
             notes.push(format!("{name}: not carried over ({what})"));
         }
     }
+    let sanity_check_secs = match var("LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS") {
+        None => None,
+        Some(s) => Some(s.trim().parse::<u64>().map_err(|_| {
+            format!(
+                "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS must be a non-negative integer, got {s:?}"
+            )
+        })?),
+    };
+    let mut cs_api_urls = Vec::new();
+    for entry in var("LIVEKIT_CS_API_URL_OVERRIDES")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let (name, url) = entry.split_once('=').ok_or_else(|| {
+            format!("LIVEKIT_CS_API_URL_OVERRIDES: `{entry}` is not `server.name=https://url`")
+        })?;
+        cs_api_urls.push((name.trim().to_owned(), url.trim().to_owned()));
+    }
+    if sanity_check_secs.is_some() || !cs_api_urls.is_empty() {
+        notes.push(
+            "LIVEKIT_SANITY_CHECK_INTERVAL_SECONDS / LIVEKIT_CS_API_URL_OVERRIDES: carried over \
+             for Envoy (sanityCheckIntervalSecs / csApiUrls); Traefik cannot run delayed-leave \
+             jobs"
+                .into(),
+        );
+    }
     Ok(Migration {
         livekit_url,
         log_level,
@@ -177,11 +212,13 @@ fn read_environment() -> Result<Migration, String> {
         secret,
         full_access,
         insecure,
+        sanity_check_secs,
+        cs_api_urls,
         notes,
     })
 }
 
-fn plugin_configuration(m: &Migration, prefix: Option<&str>) -> serde_json::Value {
+fn plugin_configuration(m: &Migration, prefix: Option<&str>, proxy: Proxy) -> serde_json::Value {
     let mut cfg = serde_json::Map::new();
     if let Some(p) = prefix {
         cfg.insert("stripPrefixes".into(), serde_json::json!([p]));
@@ -202,7 +239,44 @@ fn plugin_configuration(m: &Migration, prefix: Option<&str>) -> serde_json::Valu
     if let Some(level) = m.log_level {
         cfg.insert("logLevel".into(), serde_json::json!(level));
     }
+    if proxy == Proxy::Envoy {
+        if let Some(secs) = m.sanity_check_secs {
+            cfg.insert("sanityCheckIntervalSecs".into(), serde_json::json!(secs));
+        }
+        if !m.cs_api_urls.is_empty() {
+            let urls: serde_json::Map<String, serde_json::Value> = m
+                .cs_api_urls
+                .iter()
+                .map(|(name, url)| (name.clone(), serde_json::json!(url)))
+                .collect();
+            cfg.insert("csApiUrls".into(), serde_json::Value::Object(urls));
+        }
+    }
     serde_json::Value::Object(cfg)
+}
+
+/// The plugin configuration for `proxy` as pretty JSON, validated exactly as the plugin will
+/// (with the real key and secret, and the host's own key checks).
+fn validated_json(m: &Migration, prefix: Option<&str>, proxy: Proxy) -> Result<String, String> {
+    let cfg = plugin_configuration(m, prefix, proxy);
+    let json = serde_json::to_string_pretty(&cfg).map_err(|e| e.to_string())?;
+    let (key, secret) = (m.key.clone(), m.secret.clone());
+    Settings::from_json(json.as_bytes(), &move |name| match name {
+        "LIVEKIT_KEY" => Some(key.clone()),
+        "LIVEKIT_SECRET" => Some(secret.clone()),
+        _ => None,
+    })
+    .and_then(|_| {
+        config::refuse_keys_of_other_host(
+            json.as_bytes(),
+            match proxy {
+                Proxy::Envoy => config::Host::Envoy,
+                Proxy::Traefik => config::Host::Traefik,
+            },
+        )
+    })
+    .map_err(|e| format!("the resulting {e}"))?;
+    Ok(json)
 }
 
 fn indent(text: &str, by: usize) -> String {
@@ -218,16 +292,8 @@ fn run() -> Result<(), String> {
         _ => return Err("usage: lk-jwt-migrate [--prefix /livekit-jwt-service]".into()),
     };
     let m = read_environment()?;
-    let cfg = plugin_configuration(&m, prefix);
-    let json = serde_json::to_string_pretty(&cfg).map_err(|e| e.to_string())?;
-    // The output must load: validate it exactly as the filter will, with the real values.
-    let (key, secret) = (m.key.clone(), m.secret.clone());
-    Settings::from_json(json.as_bytes(), &move |name| match name {
-        "LIVEKIT_KEY" => Some(key.clone()),
-        "LIVEKIT_SECRET" => Some(secret.clone()),
-        _ => None,
-    })
-    .map_err(|e| format!("the resulting {e}"))?;
+    let json = validated_json(&m, prefix, Proxy::Envoy)?;
+    let traefik_json = validated_json(&m, prefix, Proxy::Traefik)?;
 
     println!("# Plugin configuration (JSON)\n{json}\n");
     println!(
@@ -244,6 +310,12 @@ fn run() -> Result<(), String> {
         indent(&json, 4)
     );
     println!(
+        "# Envoy: delayed-leave delegation (/delegate_delayed_leave, delay_id, /sfu_webhook) runs in\n\
+         # the singleton job service: add envoy/envoy.yaml's bootstrap_extensions block with the same\n\
+         # configuration and vm_config as the filter, and point LiveKit's webhook at\n\
+         # <prefix>/sfu_webhook (README \"Delayed leave delegation\").\n"
+    );
+    println!(
         "# Traefik (dynamic configuration): the same options for the plugin middleware (JSON is\n\
          # valid YAML), behind the three middlewares README \"Traefik\" requires (one token\n\
          # request at a time). Put LIVEKIT_KEY and LIVEKIT_SECRET in Traefik's environment and list them\n\
@@ -251,7 +323,7 @@ fn run() -> Result<(), String> {
          # Traefik runs one token request at a time: also set allowedHomeservers (the servers\n\
          # you serve) and a short calloutTimeoutMs (1000-2000) in the options below.\n\
          http:\n  middlewares:\n    matrixrtc-buffer:\n      buffering:\n        maxRequestBodyBytes: 1048576\n    matrixrtc-lock-key:\n      headers:\n        customRequestHeaders:\n          X-Matrixrtc-Lock: \"1\"\n    matrixrtc-one-at-a-time:\n      inFlightReq:\n        amount: 1\n        sourceCriterion:\n          requestHeaderName: X-Matrixrtc-Lock\n    matrixrtc-token:\n      plugin:\n        matrixrtc:\n{}  # router: middlewares: [matrixrtc-buffer, matrixrtc-lock-key, matrixrtc-one-at-a-time, matrixrtc-token]",
-        indent(&json, 10)
+        indent(&traefik_json, 10)
     );
     for note in &m.notes {
         eprintln!("note: {note}");

@@ -315,12 +315,9 @@ impl Root {
     fn start_job_service(&mut self, settings: Settings) -> bool {
         log::set_max_level(settings.log_level);
         if settings.token_service.is_none() {
-            log::error!(
-                "invalid plugin configuration: livekitUrl: the delayed-leave job service \
-                 ({JOB_SERVICE_ROOT_ID}) needs the token service configuration; give it the \
-                 same plugin configuration as the http filter"
-            );
-            return false;
+            // Strip-prefix only: no token service, so nothing is ever delegated.
+            log::info!("delayed-leave job service idle: the token service is off (no livekitUrl)");
+            return true;
         }
         let queue = match hostcalls::register_shared_queue(JOB_QUEUE) {
             Ok(q) => q,

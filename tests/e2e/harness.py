@@ -10,6 +10,7 @@ exactly what was sent. Everything listens on 127.0.0.1 only and is stopped by th
 from __future__ import annotations
 
 import base64
+import hashlib
 import copy
 import datetime
 import http.client
@@ -139,6 +140,7 @@ class Recorded:
     path: str
     headers: list[tuple[str, str]]
     body: bytes
+    received_at: float = field(default_factory=time.monotonic)
 
     def header(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k.lower() == name.lower()]
@@ -228,6 +230,7 @@ class FakeServer:
 
 
 USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
+DELAYED_EVENTS = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/"
 
 
 class FakeHomeserver(FakeServer):
@@ -235,14 +238,35 @@ class FakeHomeserver(FakeServer):
     a user ID string (200 {"sub": …}), a `(status, body_bytes)` tuple, raw `bytes` written as
     the whole answer (status line, headers and body; then the connection closes), or
     "hang" / "reset".
-    Unknown tokens get 401 M_UNKNOWN_TOKEN, as Synapse answers."""
+    Unknown tokens get 401 M_UNKNOWN_TOKEN, as Synapse answers.
+
+    Also the Client-Server API of MSC4140 delayed events: `POST …/delayed_events/{id}/{action}`
+    answers the next of `delayed_answers[(delay_id, action)]` (`(status, body, headers)`
+    tuples, used up in order), else 200 `{}`; and `/.well-known/matrix/client` answers
+    `client_well_known` (bytes) when set."""
 
     def __init__(self, tls: TestCA | None = None, port: int = 0, host: str = "127.0.0.1"):
         self.tokens: dict[str, object] = {}
+        self.delayed_answers: dict[tuple[str, str], list[tuple[int, bytes, dict]]] = {}
+        self.client_well_known: bytes | None = None
         super().__init__(tls, port, host)
 
     def handle(self, h, rec):
         url = urllib.parse.urlsplit(rec.path)
+        if url.path.startswith(DELAYED_EVENTS) and rec.method == "POST":
+            delay_id, action = self.delayed_event_of(rec)
+            with self._lock:
+                queue = self.delayed_answers.get((delay_id, action)) or []
+                status, body, extra = queue.pop(0) if queue else (200, b"{}", {})
+            h.send_response(status)
+            for k, v in extra.items():
+                h.send_header(k, v)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            return h.wfile.write(body)
+        if url.path == "/.well-known/matrix/client" and self.client_well_known is not None:
+            return self.reply(h, 200, self.client_well_known)
         if url.path != USERINFO_PATH:
             return self.reply(h, 404, b'{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}')
         token = urllib.parse.parse_qs(url.query).get("access_token", [""])[0]
@@ -270,6 +294,22 @@ class FakeHomeserver(FakeServer):
             if url.path != USERINFO_PATH:
                 return False
             return token is None or urllib.parse.parse_qs(url.query).get("access_token", [""])[0] == token
+
+        return self.recorded(match)
+
+    @staticmethod
+    def delayed_event_of(rec: Recorded) -> tuple[str, str]:
+        """(delay_id unescaped, action) of a delayed-event request."""
+        escaped, _, action = urllib.parse.urlsplit(rec.path).path.removeprefix(DELAYED_EVENTS).rpartition("/")
+        return urllib.parse.unquote(escaped), action
+
+    def delayed_event_calls(self, delay_id: str | None = None, action: str | None = None) -> list[Recorded]:
+        """The delayed-event restart/send requests received, oldest first."""
+        def match(r: Recorded) -> bool:
+            if not urllib.parse.urlsplit(r.path).path.startswith(DELAYED_EVENTS):
+                return False
+            d, a = self.delayed_event_of(r)
+            return (delay_id is None or d == delay_id) and (action is None or a == action)
 
         return self.recorded(match)
 
@@ -359,21 +399,31 @@ def use_test_resolver(cfg: dict, dns_port: int) -> None:
 
 
 CREATE_ROOM = "/twirp/livekit.RoomService/CreateRoom"
+GET_PARTICIPANT = "/twirp/livekit.RoomService/GetParticipant"
 
 
 class FakeSfu(FakeServer):
     """LiveKit's RoomService Twirp API: CreateRoom decodes the protobuf body with LiveKit's own
     generated classes and answers `status` (200: a `Room` message; else a Twirp JSON error), or
-    hangs when `status == "hang"`."""
+    hangs when `status == "hang"`. GetParticipant answers 200 `ParticipantInfo` for the
+    `(room, identity)` pairs in `participants`, else 404 Twirp `not_found`."""
 
     def __init__(self, tls: TestCA | None = None, port: int = 0):
         self.status: object = 200
+        self.participants: set[tuple[str, str]] = set()
         super().__init__(tls, port)
 
     def handle(self, h, rec):
-        from livekit.protocol.models import Room
-        from livekit.protocol.room import CreateRoomRequest
+        from livekit.protocol.models import ParticipantInfo, Room
+        from livekit.protocol.room import CreateRoomRequest, RoomParticipantIdentity
 
+        if rec.path.endswith(GET_PARTICIPANT):
+            req = RoomParticipantIdentity()
+            req.ParseFromString(rec.body)
+            if (req.room, req.identity) in self.participants:
+                info = ParticipantInfo(identity=req.identity, sid="PA_x")
+                return self.reply(h, 200, info.SerializeToString(), "application/protobuf")
+            return self.reply(h, 404, b'{"code":"not_found","msg":"participant not found"}')
         if not rec.path.endswith(CREATE_ROOM):
             return self.reply(h, 404, b'{"code":"bad_route","msg":"no handler"}')
         if self.status == "hang":
@@ -386,15 +436,42 @@ class FakeSfu(FakeServer):
         room = Room(name=req.name, sid="RM_" + req.name[:8], empty_timeout=req.empty_timeout)
         return self.reply(h, 200, room.SerializeToString(), "application/protobuf")
 
-    def create_room_calls(self) -> list[tuple[Recorded, object]]:
-        from livekit.protocol.room import CreateRoomRequest
-
+    def _decoded(self, path: str, message) -> list[tuple[Recorded, object]]:
         out = []
-        for r in self.recorded(lambda r: r.path.endswith(CREATE_ROOM)):
-            req = CreateRoomRequest()
+        for r in self.recorded(lambda r: r.path.endswith(path)):
+            req = message()
             req.ParseFromString(r.body)
             out.append((r, req))
         return out
+
+    def create_room_calls(self) -> list[tuple[Recorded, object]]:
+        """CreateRoom requests, decoded with LiveKit's `CreateRoomRequest`."""
+        from livekit.protocol.room import CreateRoomRequest
+
+        return self._decoded(CREATE_ROOM, CreateRoomRequest)
+
+    def get_participant_calls(self) -> list[tuple[Recorded, object]]:
+        """GetParticipant requests, decoded with LiveKit's `RoomParticipantIdentity`."""
+        from livekit.protocol.room import RoomParticipantIdentity
+
+        return self._decoded(GET_PARTICIPANT, RoomParticipantIdentity)
+
+
+def signed_webhook(event: str, room: str, identity: str, *, secret: str = LIVEKIT_SECRET,
+                   key: str = LIVEKIT_KEY) -> tuple[bytes, str]:
+    """A LiveKit webhook as the SFU sends it: the `WebhookEvent` in protobuf JSON and the
+    `Authorization` token made by LiveKit's own SDK (HS256, `sha256` of the body)."""
+    from google.protobuf.json_format import MessageToJson
+    from livekit.api import AccessToken
+    from livekit.protocol.models import ParticipantInfo, Room
+    from livekit.protocol.webhook import WebhookEvent
+
+    ev = WebhookEvent(event=event, room=Room(name=room, sid="RM_x"),
+                      participant=ParticipantInfo(identity=identity, sid="PA_x"),
+                      id=f"EV_{time.monotonic_ns()}", created_at=int(time.time()))
+    body = MessageToJson(ev).encode()
+    sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
+    return body, AccessToken(key, secret).with_sha256(sha).to_jwt()
 
 
 class EchoUpstream(FakeServer):

@@ -180,18 +180,28 @@ def test_lone_delay_parameter_is_bad_json_before_callout(proxy, homeserver, extr
     assert homeserver.userinfo_calls(token) == []
 
 
-def test_both_delay_parameters_refused_after_openid_check(proxy, homeserver, sfu):
+def test_delay_parameters_of_a_restricted_user_refused_after_openid_check(proxy, homeserver, sfu):
+    """Delegation is for full-access users only (lk-jwt-service); the full delegation scenarios
+    are in test_delayed_leave.py."""
     token = new_token()
-    homeserver.tokens[token] = "@alice:example.org"
-    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, delay_id="d1", delay_timeout=10000))
-    assert_matrix_error(r, 400, "M_BAD_JSON")
+    homeserver.tokens[token] = "@bob:other.example"
+    r = post_json(proxy.port, GET_TOKEN, get_token_body(token, server="other.example", user="@bob:other.example",
+                                                        delay_id="d1", delay_timeout=10000))
+    assert_matrix_error(r, 400, "M_BAD_JSON",
+                        "Delegation of delayed events is only supported for full access users")
     assert len(homeserver.userinfo_calls(token)) == 1
     assert sfu.recorded() == []
 
 
-def test_delegate_delayed_leave_not_served_yet(proxy):
+def test_delegate_delayed_leave_empty_body(proxy, proxy_kind, homeserver):
+    """Envoy runs delegation: an empty body is 400 before any callout. Traefik cannot (no
+    timers) and says so."""
     r = post_json(proxy.port, PREFIX + "/delegate_delayed_leave", {})
-    assert_matrix_error(r, 404, "M_UNRECOGNIZED")
+    if proxy_kind == "envoy":
+        assert_matrix_error(r, 400, "M_BAD_JSON", "Missing field: delay_id")
+    else:
+        assert_matrix_error(r, 404, "M_UNRECOGNIZED", "Delayed leave delegation is not available on this server")
+    assert homeserver.userinfo_calls() == []
 
 
 # ---------------------------------------------------------------- case 7: CORS

@@ -70,6 +70,8 @@ def test_side_by_side_with_native_strip_prefix(workdir, upstream, configured):
      "caFile: cannot read /nonexistent/ca.pem"),
     ({**TOKEN_OPTIONS, "caFile": "ca.pem"}, "caFile: must be an absolute path"),
     ({**TOKEN_OPTIONS, "calloutTimeoutMs": "soon"}, "calloutTimeoutMs: invalid type: string"),
+    ({**TOKEN_OPTIONS, "sanityCheckIntervalSecs": "5"},
+     "sanityCheckIntervalSecs: only used by delayed-leave delegation, which runs in the Envoy filter only"),
 ])
 def test_traefik_refuses_invalid_configuration(workdir, upstream, options, message):
     """The plugin refuses to load and logs the key; requests on its router never reach the
