@@ -211,8 +211,11 @@ class FakeServer:
             return [r for r in self.requests if predicate(r)]
 
     @staticmethod
-    def reply(h: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def reply(h: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "application/json",
+              extra: dict[str, str] | None = None) -> None:
         h.send_response(status)
+        for k, v in (extra or {}).items():
+            h.send_header(k, v)
         h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
@@ -258,13 +261,7 @@ class FakeHomeserver(FakeServer):
             with self._lock:
                 queue = self.delayed_answers.get((delay_id, action)) or []
                 status, body, extra = queue.pop(0) if queue else (200, b"{}", {})
-            h.send_response(status)
-            for k, v in extra.items():
-                h.send_header(k, v)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(body)))
-            h.end_headers()
-            return h.wfile.write(body)
+            return self.reply(h, status, body, extra=extra)
         if url.path == "/.well-known/matrix/client" and self.client_well_known is not None:
             return self.reply(h, 200, self.client_well_known)
         if url.path != USERINFO_PATH:
@@ -331,13 +328,7 @@ class FakeWellKnown(FakeServer):
             self.hang()
             return self.reply(h, 504, b"")
         status, body, extra = answer
-        h.send_response(status)
-        for k, v in extra.items():
-            h.send_header(k, v)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
+        self.reply(h, status, body, extra=extra)
 
     def calls(self, host: str) -> list[Recorded]:
         return self.recorded(lambda r: (r.header("host") or [""])[0].rsplit(":", 1)[0] == host)

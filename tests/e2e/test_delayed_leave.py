@@ -362,21 +362,17 @@ def test_delegate_delayed_leave_refusals(envoy, homeserver, sfu):
     r = post_json(envoy.port, PREFIX + "/delegate_delayed_leave", body)
     assert_matrix_error(r, 400, "M_BAD_JSON", "Missing field: delay_timeout")
     assert homeserver.userinfo_calls(body["openid_token"]["access_token"]) == []
-    # A user of a homeserver without full access: 403 after the OpenID check, no job.
-    token = new_token()
-    homeserver.tokens[token] = "@bob:other.example"
-    r = post_json(envoy.port, PREFIX + "/delegate_delayed_leave",
-                  get_token_body(token, server="other.example", user="@bob:other.example",
-                                 room_id=p.room_id, delay_id=p.delay_id, delay_timeout=DELAY_MS))
-    assert_matrix_error(r, 403, "M_FORBIDDEN", FORBIDDEN)
-    assert len(homeserver.userinfo_calls(token)) == 1
-    # The same on the token endpoint: 400, no room, no token.
-    token = new_token()
-    homeserver.tokens[token] = "@bob:other.example"
-    r = post_json(envoy.port, PREFIX + "/get_token",
-                  get_token_body(token, server="other.example", user="@bob:other.example",
-                                 room_id=p.room_id, delay_id=p.delay_id, delay_timeout=DELAY_MS))
-    assert_matrix_error(r, 400, "M_BAD_JSON", FORBIDDEN)
+    # A user of a homeserver without full access: 403 (400 on the token endpoint, no room, no
+    # token) after the OpenID check, no job.
+    for endpoint, status, errcode in [("/delegate_delayed_leave", 403, "M_FORBIDDEN"),
+                                      ("/get_token", 400, "M_BAD_JSON")]:
+        token = new_token()
+        homeserver.tokens[token] = "@bob:other.example"
+        r = post_json(envoy.port, PREFIX + endpoint,
+                      get_token_body(token, server="other.example", user="@bob:other.example",
+                                     room_id=p.room_id, delay_id=p.delay_id, delay_timeout=DELAY_MS))
+        assert_matrix_error(r, status, errcode, FORBIDDEN)
+        assert len(homeserver.userinfo_calls(token)) == 1
     time.sleep(DELAY_MS / 1000 + 0.5)
     assert calls(homeserver, p) == []
     assert sfu.create_room_calls() == []
