@@ -262,16 +262,12 @@ pub fn get_participant_body(room: &str, identity: &str) -> Vec<u8> {
 /// What a GetParticipant answer says: `Some(true)` present (2xx), `Some(false)` absent (404,
 /// Twirp `not_found`), `None` unknown (no answer, other errors).
 pub fn participant_present(status: Option<u16>, body: &[u8]) -> Option<bool> {
-    #[derive(serde::Deserialize)]
-    struct TwirpError {
-        code: String,
-    }
     match status {
         Some(200..=299) => Some(true),
         Some(404) => Some(false),
-        Some(_) => serde_json::from_slice::<TwirpError>(body)
+        Some(_) => serde_json::from_slice::<serde_json::Value>(body)
             .ok()
-            .filter(|e| e.code == "not_found")
+            .filter(|e| e.get("code").and_then(serde_json::Value::as_str) == Some("not_found"))
             .map(|_| false),
         None => None,
     }

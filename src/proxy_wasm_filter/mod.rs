@@ -82,8 +82,9 @@ struct Root {
 struct JobRunner {
     jobs: JobService,
     queue: u32,
-    /// Callouts in flight by token: job, what it waits for, target, start (ms).
-    in_flight: std::collections::BTreeMap<u32, (u64, Pending, CalloutTarget, u64)>,
+    /// Callouts in flight: token, job, what it waits for, target, start (ms). A list, not a
+    /// map: a job has at most two callouts in flight, and a map's code costs size.
+    in_flight: Vec<(u32, u64, Pending, CalloutTarget, u64)>,
 }
 
 impl Root {
@@ -108,7 +109,7 @@ impl Root {
                 Ok(token) => {
                     runner
                         .in_flight
-                        .insert(token, (c.job, c.pending, c.callout.target, now_ms()));
+                        .push((token, c.job, c.pending, c.callout.target, now_ms()));
                 }
                 Err(detail) => {
                     count(&metrics::callouts(c.callout.target, None, false));
@@ -163,9 +164,10 @@ impl Context for Root {
         let Some(service) = settings.token_service.as_ref() else {
             return;
         };
-        let Some((job, pending, target, started)) = runner.in_flight.remove(&token_id) else {
+        let Some(at) = runner.in_flight.iter().position(|f| f.0 == token_id) else {
             return;
         };
+        let (_, job, pending, target, started) = runner.in_flight.swap_remove(at);
         let now = now_ms();
         record(
             &metrics::callout_duration_ms(target),
@@ -341,7 +343,7 @@ impl Root {
         self.jobs = Some(JobRunner {
             jobs: JobService::new(),
             queue,
-            in_flight: std::collections::BTreeMap::new(),
+            in_flight: Vec::new(),
         });
         true
     }
