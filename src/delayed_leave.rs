@@ -21,6 +21,9 @@ pub const MAX_WAIT_MS: u64 = 3_600_000;
 pub const FIRST_RETRY_MS: u64 = 1_000;
 /// Longest retry interval.
 pub const MAX_RETRY_MS: u64 = 60_000;
+/// Shortest interval between two callouts of one job (restarts of a tiny `delay_timeout`, a
+/// `Retry-After: 0`), so no client or homeserver can make a job call in a tight loop.
+pub const MIN_INTERVAL_MS: u64 = 500;
 
 /// The path of a delayed-event action: `…/delayed_events/{delay_id}/{restart|send}`, with
 /// `delay_id` percent-encoded as one path segment.
@@ -253,7 +256,7 @@ impl Job {
         };
         let retry_at = |job: &mut Self| {
             let wait = match (status, retry_after_ms) {
-                (Some(429), Some(ms)) => ms.min(MAX_RETRY_MS),
+                (Some(429), Some(ms)) => ms.clamp(MIN_INTERVAL_MS, MAX_RETRY_MS),
                 _ => {
                     let wait = job.homeserver_retry_ms;
                     job.homeserver_retry_ms = next_retry(wait);
@@ -266,7 +269,9 @@ impl Job {
             (State::Connected, HomeserverAction::Restart, Some(200..=299)) => {
                 self.deadline = now.saturating_add(self.delay_timeout_ms);
                 self.homeserver_retry_ms = FIRST_RETRY_MS;
-                self.next_homeserver = Some(now.saturating_add(self.delay_timeout_ms * 8 / 10));
+                // Restart at 80 % of the timeout, never more often than MIN_INTERVAL_MS.
+                let interval = (self.delay_timeout_ms.saturating_mul(4) / 5).max(MIN_INTERVAL_MS);
+                self.next_homeserver = Some(now.saturating_add(interval));
             }
             (State::Connected, HomeserverAction::Restart, Some(404)) => self.finish(Outcome::Gone),
             (State::Connected, HomeserverAction::Restart, _) => {
@@ -331,6 +336,45 @@ impl Job {
             actions.push(Action::LookupParticipant);
         }
         actions
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    use super::*;
+
+    fn ok() -> Input {
+        Input::Homeserver {
+            status: Some(200),
+            retry_after_ms: None,
+        }
+    }
+
+    #[test]
+    fn tiny_and_huge_timeouts_are_bounded() {
+        // 1 ms: restarts every MIN_INTERVAL_MS, not in a loop.
+        let mut job = Job::new(0, 1, 0);
+        job.step(Input::Participant(ParticipantSignal::Joined), 0);
+        assert_eq!(job.step(ok(), 1), vec![]);
+        assert_eq!(job.next_wakeup(), Some(1 + MIN_INTERVAL_MS));
+        // i64::MAX ms: no overflow (would panic in debug builds).
+        let huge = u64::try_from(i64::MAX).unwrap();
+        let mut job = Job::new(u64::MAX - 5, huge, 0);
+        job.step(Input::Participant(ParticipantSignal::Joined), u64::MAX - 5);
+        assert_eq!(job.step(ok(), u64::MAX - 4), vec![]);
+        assert_eq!(job.next_wakeup(), Some(u64::MAX));
+    }
+
+    #[test]
+    fn retry_after_zero_is_not_a_loop() {
+        let mut job = Job::new(0, 10_000, 0);
+        job.step(Input::Participant(ParticipantSignal::Left), 0);
+        let zero = Input::Homeserver {
+            status: Some(429),
+            retry_after_ms: Some(0),
+        };
+        assert_eq!(job.step(zero, 10), vec![]);
+        assert_eq!(job.next_wakeup(), Some(10 + MIN_INTERVAL_MS));
     }
 }
 
