@@ -58,6 +58,9 @@ class Synapse(ManagedProcess):
         cfg["enable_registration"] = False
         cfg["rc_login"] = {"address": {"per_second": 100, "burst_count": 100},
                            "account": {"per_second": 100, "burst_count": 100}}
+        # MSC4140 delayed events (the delayed-leave tests): on, with room for frequent restarts.
+        cfg["max_event_delay_duration"] = "24h"
+        cfg["rc_delayed_event_mgmt"] = {"per_second": 100, "burst_count": 100}
         self.config.write_text(yaml.safe_dump(cfg))
 
     def start(self, timeout: float = 120.0) -> "Synapse":
@@ -126,6 +129,37 @@ class Synapse(ManagedProcess):
             "member": {"id": member_id, "claimed_user_id": session["user_id"],
                        "claimed_device_id": session["device_id"]},
         }
+
+    def _call(self, method: str, path: str, session: dict, body: dict | None = None):
+        headers = {"Authorization": f"Bearer {session['access_token']}", "Content-Type": "application/json"}
+        data = None if body is None else json.dumps(body).encode()
+        return request(self.port, method, path, data, headers=headers)
+
+    def create_room(self, session: dict) -> str:
+        """A new private room of the session's user; returns its room ID."""
+        return self._post("/_matrix/client/v3/createRoom", {}, session["access_token"])["room_id"]
+
+    def put_delayed_state(self, session: dict, room_id: str, event_type: str, state_key: str,
+                          content: dict, delay_ms: int) -> str:
+        """Schedules a state event as an MSC4140 delayed event; returns its `delay_id`."""
+        path = (f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id)}/state/{event_type}/"
+                f"{urllib.parse.quote(state_key, safe='')}?org.matrix.msc4140.delay={delay_ms}")
+        r = self._call("PUT", path, session, content)
+        if r.status != 200:
+            raise RuntimeError(f"{path}: {r.status} {r.body!r}")
+        return r.json()["delay_id"]
+
+    def state(self, session: dict, room_id: str, event_type: str, state_key: str):
+        """The room's current state event content, `None` when there is none."""
+        path = (f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id)}/state/{event_type}/"
+                f"{urllib.parse.quote(state_key, safe='')}")
+        r = self._call("GET", path, session)
+        return r.json() if r.status == 200 else None
+
+    def delayed_events(self, session: dict) -> list[dict]:
+        """The session user's scheduled delayed events."""
+        r = self._call("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events", session)
+        return r.json()["delayed_events"]
 
     def openid_token(self, session: dict) -> dict:
         """`POST /_matrix/client/v3/user/{userId}/openid/request_token`: the Matrix OpenID token
