@@ -9,7 +9,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(strip_prefix token_request callout_answers plugin_config http1_answer)
+  targets=(strip_prefix token_request callout_answers plugin_config http1_answer webhook)
 fi
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

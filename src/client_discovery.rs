@@ -6,14 +6,15 @@
 //!
 //! Configured `csApiUrls` always win (lk-jwt-service's overrides); found base URLs are cached
 //! for [`CACHE_TTL_SECS`] (lk-jwt-service: 4 hours) in the same [`DiscoveryCache`] as
-//! federation discovery, under a key no server name can collide with. Only users of
-//! full-access homeservers get here, so the operator's homeserver policy is not applied to
-//! the base URL (a full-access homeserver may well be internal).
+//! federation discovery, under a key no server name can collide with. A discovered base URL
+//! is a remote server's word: like a federation `.well-known` delegation it must not point at
+//! an internal address unless `allowPrivateAddresses` is set (with `fullAccessHomeservers:
+//! ["*"]` anyone's server gets here). `csApiUrls` are the operator's and are not checked.
 
 use std::collections::BTreeMap;
 
 use crate::config::Upstream;
-use crate::discovery::{CachedDelegation, DiscoveryCache};
+use crate::discovery::{CachedDelegation, DiscoveryCache, HomeserverPolicy};
 use crate::matrix::ServerName;
 
 /// How long a discovered Client-Server API base URL is cached, in seconds.
@@ -38,6 +39,8 @@ pub enum ClientDiscoveryError {
     Malformed,
     /// `base_url` is not an absolute `http`/`https` URL without query, fragment or user info.
     BadBaseUrl(String),
+    /// `base_url` points at an internal address and `allowPrivateAddresses` is off.
+    Internal(String),
 }
 
 impl std::fmt::Display for ClientDiscoveryError {
@@ -50,6 +53,11 @@ impl std::fmt::Display for ClientDiscoveryError {
                 f.write_str("client .well-known has no string m.homeserver.base_url")
             }
             Self::BadBaseUrl(reason) => write!(f, "client .well-known base_url: {reason}"),
+            Self::Internal(authority) => write!(
+                f,
+                "client .well-known base_url points at the internal address {authority} \
+                 (allowPrivateAddresses is off)"
+            ),
         }
     }
 }
@@ -93,24 +101,28 @@ fn cache_key(server_name: &str) -> String {
 }
 
 /// Decides how to find the Client-Server API of `server_name`: the `overrides`
-/// (`csApiUrls`), a fresh `cache` entry (`now` in Unix seconds), or a `.well-known` callout.
+/// (`csApiUrls`), a fresh `cache` entry (`now` in Unix seconds) that `policy` allows, or a
+/// `.well-known` callout.
 ///
 /// # Errors
 /// [`ClientDiscoveryError::BadBaseUrl`] when `server_name` is not a valid server name.
 pub fn plan(
     server_name: &str,
     overrides: &BTreeMap<String, Upstream>,
+    policy: &HomeserverPolicy,
     cache: &dyn DiscoveryCache,
     now: u64,
 ) -> Result<ClientPlan, ClientDiscoveryError> {
     if let Some(upstream) = overrides.get(server_name) {
         return Ok(ClientPlan::Known(upstream.clone()));
     }
+    // The cache is shared with filters that may run a more permissive policy: check again.
     let cached = cache
         .get(&cache_key(server_name))
         .filter(|e| e.expires_at > now)
         .and_then(|e| e.authority)
-        .and_then(|url| Upstream::parse(&url, false).ok());
+        .and_then(|url| Upstream::parse(&url, false).ok())
+        .filter(|up| allowed(up, policy).is_ok());
     if let Some(upstream) = cached {
         return Ok(ClientPlan::Known(upstream));
     }
@@ -122,19 +134,30 @@ pub fn plan(
     }))
 }
 
-/// Reads the `.well-known/matrix/client` answer for `server_name` ([`parse_client_well_known`])
-/// and caches the base found until `now` + [`CACHE_TTL_SECS`]. Failures are not cached.
+/// `Ok` when `policy` lets the proxy call `upstream`'s host.
+fn allowed(upstream: &Upstream, policy: &HomeserverPolicy) -> Result<(), ClientDiscoveryError> {
+    let name = ServerName::parse(&upstream.authority).map_err(ClientDiscoveryError::BadBaseUrl)?;
+    policy
+        .check_host(&name.host)
+        .map_err(|_| ClientDiscoveryError::Internal(upstream.authority.clone()))
+}
+
+/// Reads the `.well-known/matrix/client` answer for `server_name` ([`parse_client_well_known`]),
+/// refuses a base URL on an internal address unless `policy` allows private addresses, and
+/// caches the base found until `now` + [`CACHE_TTL_SECS`]. Failures are not cached.
 ///
 /// # Errors
-/// As [`parse_client_well_known`].
+/// As [`parse_client_well_known`]; [`ClientDiscoveryError::Internal`].
 pub fn discovered(
     server_name: &str,
     status: Option<u16>,
     body: &[u8],
+    policy: &HomeserverPolicy,
     cache: &dyn DiscoveryCache,
     now: u64,
 ) -> Result<Upstream, ClientDiscoveryError> {
     let upstream = parse_client_well_known(status, body)?;
+    allowed(&upstream, policy)?;
     let url = format!(
         "{}://{}{}",
         if upstream.tls { "https" } else { "http" },
@@ -164,36 +187,81 @@ mod tests {
             "a.example".to_owned(),
             Upstream::parse("http://127.0.0.1:8008/cs", false).unwrap(),
         );
+        let open = HomeserverPolicy::default();
         assert_eq!(
-            plan("a.example", &overrides, &cache, 0),
+            plan("a.example", &overrides, &open, &cache, 0),
             Ok(ClientPlan::Known(Upstream {
                 tls: false,
                 authority: "127.0.0.1:8008".into(),
                 base_path: "/cs".into()
             }))
         );
-        let well_known = plan("b.example:8448", &overrides, &cache, 0).unwrap();
+        let well_known = plan("b.example:8448", &overrides, &open, &cache, 0).unwrap();
         let ClientPlan::WellKnown(up) = well_known else {
             panic!("{well_known:?}")
         };
         assert_eq!((up.tls, up.authority.as_str()), (true, "b.example:8448"));
         let body = br#"{"m.homeserver":{"base_url":"https://matrix.b.example/base/"}}"#;
-        let found = discovered("b.example:8448", Some(200), body, &cache, 100).unwrap();
+        let found = discovered("b.example:8448", Some(200), body, &open, &cache, 100).unwrap();
         assert_eq!(found.base_path, "/base");
         assert_eq!(
-            plan("b.example:8448", &overrides, &cache, 101),
+            plan("b.example:8448", &overrides, &open, &cache, 101),
             Ok(ClientPlan::Known(found))
         );
         // Stale after the TTL; a federation entry for the same name is another key.
         assert!(matches!(
-            plan("b.example:8448", &overrides, &cache, 100 + CACHE_TTL_SECS),
+            plan(
+                "b.example:8448",
+                &overrides,
+                &open,
+                &cache,
+                100 + CACHE_TTL_SECS
+            ),
             Ok(ClientPlan::WellKnown(_))
         ));
         assert_eq!(cache.get("b.example:8448"), None);
         // Failures are not cached.
-        assert!(discovered("c.example", Some(404), b"", &cache, 0).is_err());
+        assert!(discovered("c.example", Some(404), b"", &open, &cache, 0).is_err());
         assert_eq!(cache.len(), 1);
-        assert!(plan("not a name", &overrides, &cache, 0).is_err());
+        assert!(plan("not a name", &overrides, &open, &cache, 0).is_err());
+    }
+
+    #[test]
+    fn internal_base_urls_need_allow_private_addresses() {
+        let cache = MemoryCache::new(8);
+        let strict = HomeserverPolicy::default();
+        let private = HomeserverPolicy {
+            allow_private: true,
+            ..HomeserverPolicy::default()
+        };
+        for url in [
+            "http://127.0.0.1:8008/admin",
+            "http://10.0.0.1",
+            "http://[::1]:8008",
+            "http://localhost:8008",
+            "http://synapse:8008",
+        ] {
+            let body = format!(r#"{{"m.homeserver":{{"base_url":"{url}"}}}}"#);
+            assert!(
+                matches!(
+                    discovered("x.example", Some(200), body.as_bytes(), &strict, &cache, 0),
+                    Err(ClientDiscoveryError::Internal(_))
+                ),
+                "{url}"
+            );
+            assert!(
+                discovered("x.example", Some(200), body.as_bytes(), &private, &cache, 0).is_ok()
+            );
+        }
+        // Cached under a permissive policy, refused under a strict one.
+        assert!(matches!(
+            plan("x.example", &BTreeMap::new(), &strict, &cache, 1),
+            Ok(ClientPlan::WellKnown(_))
+        ));
+        assert!(matches!(
+            plan("x.example", &BTreeMap::new(), &private, &cache, 1),
+            Ok(ClientPlan::Known(_))
+        ));
     }
 
     #[test]

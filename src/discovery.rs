@@ -78,7 +78,11 @@ impl HomeserverPolicy {
         }
     }
 
-    fn check_host(&self, host: &Host) -> Result<(), Refusal> {
+    /// Refuses an internal `host` (see [`HomeserverPolicy::allow_private`]).
+    ///
+    /// # Errors
+    /// [`Refusal::Private`] for an internal host when private addresses are not allowed.
+    pub fn check_host(&self, host: &Host) -> Result<(), Refusal> {
         if self.allow_private || !is_internal(host) {
             Ok(())
         } else {

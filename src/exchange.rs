@@ -152,11 +152,13 @@ pub fn sfu_webhook(
         now,
     ) {
         Ok(event) => {
+            let created_at = event.created_at;
             let message = match (event.signal(), event.room, event.identity) {
                 (Some(signal), Some(room), Some(identity)) => Some(Message::Participant {
                     room,
                     identity,
                     signal,
+                    created_at,
                 }),
                 _ => None,
             };
@@ -409,7 +411,14 @@ impl TokenExchange {
             }
             State::AwaitClientWellKnown { request, user_id } => {
                 let server = &request.matrix_server_name;
-                match client_discovery::discovered(server, result.status, result.body, cache, now) {
+                match client_discovery::discovered(
+                    server,
+                    result.status,
+                    result.body,
+                    &service.homeserver_policy,
+                    cache,
+                    now,
+                ) {
                     Ok(cs_api) => self.with_cs_api(service, request, user_id, cs_api, now),
                     Err(reason) => {
                         log::warn!(
@@ -521,7 +530,13 @@ impl TokenExchange {
                 MatrixError::DELEGATION_UNAVAILABLE
             }));
         }
-        match client_discovery::plan(server, &service.cs_api_urls, cache, now) {
+        match client_discovery::plan(
+            server,
+            &service.cs_api_urls,
+            &service.homeserver_policy,
+            cache,
+            now,
+        ) {
             Ok(ClientPlan::Known(cs_api)) => {
                 self.with_cs_api(service, request, user_id, cs_api, now)
             }
@@ -1131,6 +1146,7 @@ mod tests {
             Some(Message::Participant {
                 room: "R".into(),
                 identity: "I".into(),
+                created_at: None,
                 signal: crate::webhook::ParticipantSignal::Left
             })
         );

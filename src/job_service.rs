@@ -25,6 +25,14 @@ use crate::webhook::ParticipantSignal;
 /// event then fires by itself at its timeout.
 pub const MAX_JOBS: usize = 10_000;
 
+/// Most jobs of one Matrix user; a new one beyond it ends that user's oldest job, so no single
+/// account can fill [`MAX_JOBS`] for everyone.
+pub const MAX_JOBS_PER_USER: usize = 20;
+
+/// A webhook event made this long before its job started is about an earlier session (or a
+/// replay) and is ignored, milliseconds. Allows for clock skew between LiveKit and the proxy.
+pub const STALE_EVENT_MS: u64 = 5_000;
+
 /// Largest answer body the service reads from a job callout, in bytes (`retry_after_ms`,
 /// Twirp error codes).
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024;
@@ -60,6 +68,9 @@ pub enum Message {
         identity: String,
         /// What happened.
         signal: ParticipantSignal,
+        /// When LiveKit made the event (`createdAt`), Unix seconds.
+        #[serde(default)]
+        created_at: Option<u64>,
     },
 }
 
@@ -112,6 +123,8 @@ struct Entry {
     id: u64,
     job: Job,
     handover: Handover,
+    /// When the job started, ms.
+    started: u64,
 }
 
 /// All delayed-leave jobs of one proxy. A plain list: at most [`MAX_JOBS`] entries, searched
@@ -139,6 +152,11 @@ impl JobService {
         self.jobs.is_empty()
     }
 
+    /// `true` when a handover of a new user would be dropped ([`MAX_JOBS`] reached).
+    pub fn is_full(&self) -> bool {
+        self.jobs.len() >= MAX_JOBS
+    }
+
     /// How the jobs that ended since the last call ended (for metrics).
     pub fn take_finished(&mut self) -> Vec<Outcome> {
         std::mem::take(&mut self.finished)
@@ -147,6 +165,20 @@ impl JobService {
     /// The earliest time (ms) a job wants [`JobService::tick`], `None` without jobs waiting.
     pub fn next_wakeup(&self) -> Option<u64> {
         self.jobs.iter().filter_map(|e| e.job.next_wakeup()).min()
+    }
+
+    /// The index of `user_id`'s oldest job when they already have [`MAX_JOBS_PER_USER`].
+    fn oldest_if_over_user_cap(&self, user_id: &str) -> Option<usize> {
+        let mine = || {
+            self.jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.handover.user_id == user_id)
+        };
+        if mine().count() < MAX_JOBS_PER_USER {
+            return None;
+        }
+        mine().min_by_key(|(_, e)| e.id).map(|(at, _)| at)
     }
 
     fn position(&self, room: &str, identity: &str) -> Option<usize> {
@@ -170,12 +202,23 @@ impl JobService {
                 room,
                 identity,
                 signal,
+                created_at,
             } => {
                 log::debug!("delayed leave: {signal:?} for {identity} in room {room}");
-                match self.position(&room, &identity) {
-                    Some(at) => self.step(service, at, Input::Participant(signal), now),
-                    None => Vec::new(),
+                let Some(at) = self.position(&room, &identity) else {
+                    return Vec::new();
+                };
+                let made = created_at.map(|secs| secs.saturating_mul(1_000));
+                if let (Some(made), Some(entry)) = (made, self.jobs.get(at)) {
+                    if made.saturating_add(STALE_EVENT_MS) < entry.started {
+                        log::info!(
+                            "delayed leave: {signal:?} webhook made before job {} started: ignored",
+                            entry.id
+                        );
+                        return Vec::new();
+                    }
                 }
+                self.step(service, at, Input::Participant(signal), now)
             }
         }
     }
@@ -189,6 +232,16 @@ impl JobService {
                 "delayed leave: job {} for {} in room {} replaced by a newer one",
                 old.id,
                 old.handover.user_id,
+                old.handover.room
+            );
+        } else if let Some(at) = self.oldest_if_over_user_cap(&handover.user_id) {
+            let mut old = self.jobs.swap_remove(at);
+            old.job.step(Input::Replaced, now);
+            self.finished.push(Outcome::Replaced);
+            log::warn!(
+                "delayed leave: {} has {MAX_JOBS_PER_USER} jobs; job {} in room {} ends for the new one",
+                old.handover.user_id,
+                old.id,
                 old.handover.room
             );
         } else if self.jobs.len() >= MAX_JOBS {
@@ -214,7 +267,12 @@ impl JobService {
             handover.delay_timeout_ms,
             service.sanity_check_interval_ms,
         );
-        self.jobs.push(Entry { id, job, handover });
+        self.jobs.push(Entry {
+            id,
+            job,
+            handover,
+            started: now,
+        });
         self.step(service, self.jobs.len() - 1, Input::Tick, now)
     }
 
@@ -379,10 +437,14 @@ mod tests {
     }
 
     fn handover(room: &str, identity: &str, delay_id: &str) -> Message {
+        handover_of("@alice:example.org", room, identity, delay_id)
+    }
+
+    fn handover_of(user: &str, room: &str, identity: &str, delay_id: &str) -> Message {
         Message::Handover(Handover {
             room: room.into(),
             identity: identity.into(),
-            user_id: "@alice:example.org".into(),
+            user_id: user.into(),
             delay_id: delay_id.into(),
             delay_timeout_ms: 10_000,
             cs_api: Upstream::parse("http://127.0.0.1:8008/cs", false).unwrap(),
@@ -401,6 +463,7 @@ mod tests {
             room: room.into(),
             identity: identity.into(),
             signal: ParticipantSignal::Joined,
+            created_at: None,
         }
     }
 
@@ -494,6 +557,7 @@ mod tests {
                 room: "r".into(),
                 identity: "i".into(),
                 signal: ParticipantSignal::Left,
+                created_at: None,
             },
             30,
         );
@@ -504,6 +568,27 @@ mod tests {
         assert_eq!(jobs.take_finished(), vec![Outcome::AlreadySent]);
         assert!(jobs.take_finished().is_empty());
         assert_eq!(jobs.next_wakeup(), None);
+    }
+
+    #[test]
+    fn webhooks_made_before_the_job_are_ignored() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        let start = 1_800_000_000_000; // ms
+        jobs.receive(&svc, handover("r", "i", "d"), start);
+        let left = |secs| Message::Participant {
+            room: "r".into(),
+            identity: "i".into(),
+            signal: ParticipantSignal::Left,
+            created_at: Some(secs),
+        };
+        // A replayed (or late) participant_left from a minute before: ignored.
+        assert!(jobs
+            .receive(&svc, left(start / 1_000 - 60), start + 10)
+            .is_empty());
+        // Within the clock-skew allowance, or after the start: acted on.
+        let out = jobs.receive(&svc, left(start / 1_000 - 2), start + 20);
+        assert_eq!(out[0].pending, Pending::Homeserver(HomeserverAction::Send));
     }
 
     #[test]
@@ -527,12 +612,34 @@ mod tests {
         let svc = service(0);
         let mut jobs = JobService::new();
         for i in 0..MAX_JOBS {
-            jobs.receive(&svc, handover("r", &i.to_string(), "d"), 0);
+            jobs.receive(
+                &svc,
+                handover_of(&format!("@u{i}:x"), "r", &i.to_string(), "d"),
+                0,
+            );
         }
-        jobs.receive(&svc, handover("r", "one more", "d"), 0);
+        assert!(jobs.is_full());
+        jobs.receive(&svc, handover_of("@new:x", "r", "one more", "d"), 0);
         assert_eq!(jobs.len(), MAX_JOBS);
         // Replacing an existing job still works when full.
-        jobs.receive(&svc, handover("r", "0", "d2"), 0);
+        jobs.receive(&svc, handover_of("@u0:x", "r", "0", "d2"), 0);
         assert_eq!(jobs.len(), MAX_JOBS);
+    }
+
+    #[test]
+    fn one_user_cannot_fill_the_service() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        for i in 0..MAX_JOBS_PER_USER + 5 {
+            jobs.receive(&svc, handover("r", &i.to_string(), &format!("d{i}")), 0);
+        }
+        assert_eq!(jobs.len(), MAX_JOBS_PER_USER);
+        // The oldest ones made room: identities 0..5 are gone, the newest stay.
+        assert_eq!(jobs.position("r", "0"), None);
+        assert!(jobs
+            .position("r", &(MAX_JOBS_PER_USER + 4).to_string())
+            .is_some());
+        jobs.receive(&svc, handover_of("@bob:x", "r", "bob", "d"), 0);
+        assert_eq!(jobs.len(), MAX_JOBS_PER_USER + 1);
     }
 }

@@ -147,12 +147,14 @@ impl TokenRequest {
         match endpoint {
             TokenEndpoint::SfuWebhook => Err(MatrixError::NOT_JSON),
             TokenEndpoint::DelegateDelayedLeave => {
-                let b: DelegateBody =
+                let mut b: DelegateBody =
                     serde_json::from_slice(body).map_err(|_| MatrixError::NOT_JSON)?;
-                let delay_id = required(b.delay_id.clone(), "Missing field: delay_id")?;
-                let delay_timeout_ms = positive_timeout(b.delay_timeout)?
-                    .ok_or(MatrixError::bad_json("Missing field: delay_timeout"))?;
+                // The common fields first (as lk-jwt-service validates), then the delay.
+                let (delay_id, delay_timeout) = (b.delay_id.take(), b.delay_timeout.take());
                 let mut request = Self::get_token(endpoint, b)?;
+                let delay_id = checked_delay_id(required(delay_id, "Missing field: delay_id")?)?;
+                let delay_timeout_ms = positive_timeout(delay_timeout)?
+                    .ok_or(MatrixError::bad_json("Missing field: delay_timeout"))?;
                 request.delayed_leave = Some(DelayedLeave {
                     delay_id,
                     delay_timeout_ms,
@@ -168,16 +170,22 @@ impl TokenRequest {
                 let b: SfuGetBody =
                     serde_json::from_slice(body).map_err(|_| MatrixError::NOT_JSON)?;
                 let (access_token, matrix_server_name) = openid_fields(b.openid_token)?;
+                let room_id = required(b.room, "Missing field: room")?;
+                let device_id = required(b.device_id, "Missing field: device_id")?;
+                let delayed_leave = delay_pair(b.delay_id, b.delay_timeout)?;
+                // The legacy identity contains the device ID verbatim, and a delegated job
+                // keeps it in memory.
+                if delayed_leave.is_some() && device_id.len() > MAX_DELAY_ID_BYTES {
+                    return Err(MatrixError::bad_json("device_id is too long"));
+                }
                 Ok(Self {
                     endpoint,
-                    room_id: required(b.room, "Missing field: room")?,
+                    room_id,
                     slot_id: LEGACY_SLOT_ID.to_owned(),
                     access_token,
                     matrix_server_name,
-                    claimant: Claimant::Legacy {
-                        device_id: required(b.device_id, "Missing field: device_id")?,
-                    },
-                    delayed_leave: delay_pair(b.delay_id, b.delay_timeout)?,
+                    claimant: Claimant::Legacy { device_id },
+                    delayed_leave,
                 })
             }
         }
@@ -268,7 +276,7 @@ fn delay_pair(
     let delay_id = delay_id.filter(|s| !s.is_empty());
     match (delay_id, positive_timeout(delay_timeout)?) {
         (Some(delay_id), Some(delay_timeout_ms)) => Ok(Some(DelayedLeave {
-            delay_id,
+            delay_id: checked_delay_id(delay_id)?,
             delay_timeout_ms,
         })),
         (None, None) => Ok(None),
@@ -276,6 +284,23 @@ fn delay_pair(
             "delay_id and delay_timeout must be given together",
         )),
     }
+}
+
+/// Longest `delay_id` accepted, in bytes (Synapse's are about 25; the job service keeps every
+/// `delay_id` in memory).
+pub const MAX_DELAY_ID_BYTES: usize = 255;
+
+/// A `delay_id` the proxy can put into a path: at most [`MAX_DELAY_ID_BYTES`], and not `.` or
+/// `..` (dot segments stay unescaped, and a server normalising them would act on another
+/// path).
+fn checked_delay_id(delay_id: String) -> Result<String, MatrixError> {
+    if delay_id.len() > MAX_DELAY_ID_BYTES {
+        return Err(MatrixError::bad_json("delay_id is too long"));
+    }
+    if delay_id == "." || delay_id == ".." {
+        return Err(MatrixError::bad_json("delay_id is not a valid delay ID"));
+    }
+    Ok(delay_id)
 }
 
 /// `delay_timeout`: absent or 0 is `None`; negative is `M_BAD_JSON`.
@@ -426,6 +451,23 @@ mod tests {
     }
 
     #[test]
+    fn delay_ids_that_cannot_be_a_path_segment_are_refused() {
+        for (id, error) in [
+            ("..".to_owned(), "delay_id is not a valid delay ID"),
+            (".".to_owned(), "delay_id is not a valid delay ID"),
+            ("x".repeat(MAX_DELAY_ID_BYTES + 1), "delay_id is too long"),
+        ] {
+            let extra = format!(r#","delay_id":"{id}","delay_timeout":1000"#);
+            for endpoint in [TokenEndpoint::GetToken, TokenEndpoint::DelegateDelayedLeave] {
+                let e = err(endpoint, &get_token(&extra));
+                assert_eq!((e.errcode, e.error), ("M_BAD_JSON", error));
+            }
+        }
+        let ok = format!(r#","delay_id":"{}","delay_timeout":1000"#, "x".repeat(255));
+        assert!(TokenRequest::decode(TokenEndpoint::GetToken, get_token(&ok).as_bytes()).is_ok());
+    }
+
+    #[test]
     fn delegate_delayed_leave_requires_every_field() {
         let full = get_token(r#","delay_id":"syd_x","delay_timeout":8000"#);
         let r = TokenRequest::decode(TokenEndpoint::DelegateDelayedLeave, full.as_bytes()).unwrap();
@@ -464,6 +506,10 @@ mod tests {
         assert_eq!(
             err(TokenEndpoint::DelegateDelayedLeave, r#"{"x":1}"#).errcode,
             "M_NOT_JSON"
+        );
+        assert_eq!(
+            err(TokenEndpoint::DelegateDelayedLeave, "{}").error,
+            "Missing field: openid_token"
         );
     }
 }

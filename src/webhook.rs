@@ -68,6 +68,9 @@ pub struct WebhookEvent {
     pub room: Option<String>,
     /// `participant.identity`.
     pub identity: Option<String>,
+    /// `createdAt`: when LiveKit made the event, Unix seconds (protobuf JSON writes it as a
+    /// string).
+    pub created_at: Option<u64>,
 }
 
 impl WebhookEvent {
@@ -160,6 +163,10 @@ pub fn verify(
             .to_owned(),
         room: text("room", "name"),
         identity: text("participant", "identity"),
+        created_at: event.get("createdAt").and_then(|v| match v {
+            Value::String(s) => s.parse().ok(),
+            other => other.as_u64(),
+        }),
     })
 }
 
@@ -229,6 +236,11 @@ mod tests {
             Some("TK4o8wNCXi5t5936bOvIzE/X3XFc7cgp3jGRDqK0j5E")
         );
         assert_eq!(event.identity.as_deref(), Some("@alice:example.org:DEVICE"));
+        assert_eq!(
+            event.created_at,
+            Some(1_795_950_000),
+            "protobuf JSON's string int64"
+        );
         let bearer = format!("Bearer {LIVEKIT_TOKEN}");
         assert!(verify(BODY, Some(&bearer), "devkey", SECRET, NOW).is_ok());
     }
@@ -365,6 +377,7 @@ mod tests {
                 event: name.to_owned(),
                 room: None,
                 identity: None,
+                created_at: None,
             };
             assert_eq!(e.signal(), Some(signal));
         }

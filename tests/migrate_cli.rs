@@ -267,7 +267,12 @@ fn delegation_settings_go_to_envoy_only() {
         ),
         (
             "LIVEKIT_CS_API_URL_OVERRIDES",
-            "example.org=synapse:8008",
+            "example.org=matrix-client.example.org",
+            "needs its scheme, e.g. example.org=https://matrix-client.example.org",
+        ),
+        (
+            "LIVEKIT_CS_API_URL_OVERRIDES",
+            "example.org=ftp://synapse:8008",
             "csApiUrls.example.org",
         ),
     ] {

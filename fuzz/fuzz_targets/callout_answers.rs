@@ -1,5 +1,6 @@
 //! Fuzzes the exchange with arbitrary callout answers (status, Cache-Control, body) for
-//! `.well-known`, userinfo and CreateRoom: never a panic, never a token without a valid `sub`.
+//! `.well-known`, userinfo, `.well-known/matrix/client` and CreateRoom, with and without
+//! delayed-leave delegation: never a panic, never a token or a job without a valid `sub`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use matrixrtc_livekit_auth::discovery::NoCache;
@@ -10,9 +11,13 @@ mod common;
 
 const BODY: &[u8] = br#"{"room_id":"!r:example.org","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","matrix_server_name":"example.org"},"member":{"id":"m","claimed_user_id":"@a:example.org","claimed_device_id":"D"}}"#;
 
+const DELAYED: &[u8] = br#"{"room_id":"!r:example.org","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","matrix_server_name":"example.org"},"member":{"id":"m","claimed_user_id":"@a:example.org","claimed_device_id":"D"},"delay_id":"d","delay_timeout":5000}"#;
+
 fuzz_target!(|data: &[u8]| {
     let service = common::service();
-    let (mut ex, mut step) = TokenExchange::start(service, TokenEndpoint::GetToken, BODY, &NoCache, 1_800_000_000);
+    let (flag, data) = data.split_first().unwrap_or((&0, data));
+    let body = if flag & 1 == 1 { DELAYED } else { BODY };
+    let (mut ex, mut step) = TokenExchange::start(service, TokenEndpoint::GetToken, body, &NoCache, 1_800_000_000, true);
     let mut answers = data.split(|b| *b == 0xff);
     let mut saw_sub = false;
     for _ in 0..4 {
@@ -28,9 +33,9 @@ fuzz_target!(|data: &[u8]| {
         let result = CalloutResult { status, body, cache_control, detail: "" };
         step = ex.on_callout_response(service, result, &NoCache, 1_800_000_000);
     }
-    if let Step::Respond(r) = step {
-        if r.status == 200 {
-            assert!(saw_sub, "a token without a verified sub");
-        }
+    match step {
+        Step::Respond(r) if r.status == 200 => assert!(saw_sub, "a token without a verified sub"),
+        Step::Handover { .. } => assert!(saw_sub, "a job without a verified sub"),
+        _ => {}
     }
 });

@@ -9,8 +9,13 @@ mod common;
 
 fuzz_target!(|data: &[u8]| {
     let service = common::service();
-    for endpoint in [TokenEndpoint::GetToken, TokenEndpoint::SfuGet] {
-        let (_, step) = TokenExchange::start(service, endpoint, data, &NoCache, 1_800_000_000);
+    for endpoint in [
+        TokenEndpoint::GetToken,
+        TokenEndpoint::SfuGet,
+        TokenEndpoint::DelegateDelayedLeave,
+    ] {
+        let (_, step) =
+            TokenExchange::start(service, endpoint, data, &NoCache, 1_800_000_000, true);
         if let Step::Respond(r) = step {
             assert!(matches!(r.status, 400 | 401), "{}", r.status);
         }

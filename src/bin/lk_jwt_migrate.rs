@@ -195,6 +195,14 @@ fn read_environment() -> Result<Migration, String> {
         let (name, url) = entry.split_once('=').ok_or_else(|| {
             format!("LIVEKIT_CS_API_URL_OVERRIDES: `{entry}` is not `server.name=https://url`")
         })?;
+        if !url.contains("://") {
+            return Err(format!(
+                "LIVEKIT_CS_API_URL_OVERRIDES: `{entry}`: the URL needs its scheme, e.g. \
+                 {}=https://{} (lk-jwt-service cannot use it without one either)",
+                name.trim(),
+                url.trim()
+            ));
+        }
         cs_api_urls.push((name.trim().to_owned(), url.trim().to_owned()));
     }
     if sanity_check_secs.is_some() || !cs_api_urls.is_empty() {

@@ -71,6 +71,45 @@ pub const JOB_SERVICE_ROOT_ID: &str = "matrixrtc_delayed_leave";
 pub const JOB_QUEUE: &str = "matrixrtc_livekit_auth.delayed_leave";
 /// How often the job service wakes up to look at its jobs.
 const TICK: Duration = Duration::from_millis(100);
+/// Shared-data key where the job service publishes `"<now ms> <full 0|1>"` every tick, so the
+/// http filter can refuse a handover (503) instead of losing it when the service is gone (its
+/// VM crashed) or full.
+const JOB_STATUS_KEY: &str = "matrixrtc_livekit_auth.delayed_leave.status";
+/// A status older than this means the job service is not running, milliseconds.
+const JOB_STATUS_STALE_MS: u64 = 3_000;
+
+/// Publishes the job service's status (see [`JOB_STATUS_KEY`]).
+fn publish_status(jobs: &JobService) {
+    let status = format!("{} {}", now_ms(), u8::from(jobs.is_full()));
+    if let Err(status) = hostcalls::set_shared_data(JOB_STATUS_KEY, Some(status.as_bytes()), None) {
+        log::warn!("delayed leave: publishing the job service status failed: {status:?}");
+    }
+}
+
+/// Why the job service cannot take a handover now, from its published status.
+fn job_service_unavailable(handover: bool) -> Option<String> {
+    let (bytes, _) = hostcalls::get_shared_data(JOB_STATUS_KEY).ok()?;
+    let text = bytes
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default();
+    let mut parts = text.split(' ');
+    let at = parts
+        .next()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let full = parts.next() == Some("1");
+    let age = now_ms().saturating_sub(at);
+    if age > JOB_STATUS_STALE_MS {
+        Some(format!("it has not reported for {age} ms (not running?)"))
+    } else if handover && full {
+        Some(format!(
+            "it runs {} jobs already",
+            crate::job_service::MAX_JOBS
+        ))
+    } else {
+        None
+    }
+}
 
 /// Root context: owns the validated plugin configuration; in the job service, the jobs.
 struct Root {
@@ -173,7 +212,7 @@ impl Context for Root {
             &metrics::callout_duration_ms(target),
             now.saturating_sub(started),
         );
-        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let headers = call_response_headers();
         let header = |name: &str| {
             headers
                 .iter()
@@ -270,6 +309,7 @@ impl RootContext for Root {
             return;
         };
         let now = now_ms();
+        publish_status(&runner.jobs);
         if runner.jobs.next_wakeup().is_some_and(|at| at <= now) {
             let callouts = runner.jobs.tick(service, now);
             self.run_callouts(callouts);
@@ -340,8 +380,12 @@ impl Root {
                 .map_or(0, |t| t.sanity_check_interval_ms)
         );
         self.settings = Some(Rc::new(settings));
+        let mut jobs = JobService::new();
+        // The gauge exists from the start (0), so an alert on it never sees "no data".
+        record_jobs(&mut jobs);
+        publish_status(&jobs);
         self.jobs = Some(JobRunner {
-            jobs: JobService::new(),
+            jobs,
             queue,
             in_flight: Vec::new(),
         });
@@ -372,10 +416,24 @@ struct Filter {
     authorization: Option<String>,
 }
 
+/// A request header's value; `None` when absent or not UTF-8. Read as bytes: the SDK's
+/// `get_map_value` unwraps UTF-8 and would panic (killing the VM) on a client's stray byte.
 fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
         .ok()
         .flatten()
+        .and_then(|v| String::from_utf8(v).ok())
+}
+
+/// The headers of a callout's answer, values decoded lossily. Read as bytes: the SDK's
+/// `get_map` unwraps UTF-8 and would panic on a server's stray byte. Names are HTTP tokens
+/// (Envoy's codec refuses anything else). May be empty (reset after headers).
+fn call_response_headers() -> Vec<(String, String)> {
+    hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+        .collect()
 }
 
 fn now_ms() -> u64 {
@@ -543,13 +601,19 @@ impl Filter {
 /// Enqueues `message` for the job service.
 ///
 /// # Errors
-/// [`MatrixError::DELEGATION_FAILED`] when the job service is not running or the queue
-/// refuses the message (logged).
+/// [`MatrixError::DELEGATION_FAILED`] when the job service is not running, has not reported
+/// for [`JOB_STATUS_STALE_MS`], is full (handovers only), or the queue refuses the message
+/// (logged).
 fn hand_over(message: &Message) -> Result<(), MatrixError> {
     let Some(queue) = job_queue() else {
         log::error!("delayed leave: the job service ({JOB_SERVICE_ROOT_ID}) is not running");
         return Err(MatrixError::DELEGATION_FAILED);
     };
+    let handover = matches!(message, Message::Handover(_));
+    if let Some(why) = job_service_unavailable(handover) {
+        log::error!("delayed leave: the job service cannot take this: {why}");
+        return Err(MatrixError::DELEGATION_FAILED);
+    }
     hostcalls::enqueue_shared_queue(queue, Some(&message.encode())).map_err(|status| {
         log::error!("delayed leave: enqueueing for the job service failed: {status:?}");
         MatrixError::DELEGATION_FAILED
@@ -670,7 +734,7 @@ impl Context for Filter {
             return;
         };
         // Zero headers is possible (reset after headers): search the list, never assume.
-        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let headers = call_response_headers();
         let status = headers
             .iter()
             .find(|(k, _)| k == ":status")

@@ -449,9 +449,10 @@ class FakeSfu(FakeServer):
 
 
 def signed_webhook(event: str, room: str, identity: str, *, secret: str = LIVEKIT_SECRET,
-                   key: str = LIVEKIT_KEY) -> tuple[bytes, str]:
-    """A LiveKit webhook as the SFU sends it: the `WebhookEvent` in protobuf JSON and the
-    `Authorization` token made by LiveKit's own SDK (HS256, `sha256` of the body)."""
+                   key: str = LIVEKIT_KEY, created_at: int | None = None) -> tuple[bytes, str]:
+    """A LiveKit webhook as the SFU sends it: the `WebhookEvent` in protobuf JSON (made now, or
+    at `created_at` Unix seconds) and the `Authorization` token made by LiveKit's own SDK
+    (HS256, `sha256` of the body)."""
     from google.protobuf.json_format import MessageToJson
     from livekit.api import AccessToken
     from livekit.protocol.models import ParticipantInfo, Room
@@ -459,7 +460,8 @@ def signed_webhook(event: str, room: str, identity: str, *, secret: str = LIVEKI
 
     ev = WebhookEvent(event=event, room=Room(name=room, sid="RM_x"),
                       participant=ParticipantInfo(identity=identity, sid="PA_x"),
-                      id=f"EV_{time.monotonic_ns()}", created_at=int(time.time()))
+                      id=f"EV_{time.monotonic_ns()}",
+                      created_at=int(time.time()) if created_at is None else created_at)
     body = MessageToJson(ev).encode()
     sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
     return body, AccessToken(key, secret).with_sha256(sha).to_jwt()
@@ -520,6 +522,20 @@ def request(port: int, method: str, target: str, body: bytes | None = None,
 
 
 # --------------------------------------------------------------------------- Envoy
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0) -> int:
+    """Sends `data` as the whole request (bytes a client library would refuse to send, e.g. a
+    non-UTF-8 header value); returns the answer's status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        head = b""
+        while b"\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1])
 
 
 def free_port() -> int:

@@ -383,14 +383,17 @@ def test_delegate_delayed_leave_refusals(envoy, homeserver, sfu):
     assert_matrix_error(request(envoy.port, "GET", PREFIX + "/delegate_delayed_leave"), 405, "M_UNRECOGNIZED")
 
 
-def test_cs_api_from_well_known_and_unresolvable(workdir, ca, homeserver, sfu, upstream):
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_cs_api_from_well_known_and_unresolvable(workdir, ca, homeserver, sfu, upstream, allow_private):
     """A full-access server name without csApiUrls: `.well-known/matrix/client` of the server
     name says where the Client-Server API is; without it the answer is 400 before the room is
-    created."""
+    created. A base URL on an internal address (here: localhost) is refused like a federation
+    delegation to one, unless allowPrivateAddresses is set."""
     server = f"localhost:{homeserver.port}"
     user = f"@carol:{server}"
     hs = f"https://localhost:{homeserver.port}"
-    cfg = standard_config(homeserver, sfu, fullAccessHomeservers=[server], homeservers={server: hs})
+    cfg = standard_config(homeserver, sfu, fullAccessHomeservers=[server], homeservers={server: hs},
+                          allowPrivateAddresses=allow_private)
     with Envoy(workdir, cfg, upstream_port=upstream.port, ca=ca) as e:
         wait_for_log(e, "delayed-leave job service running")
         room_id = f"!{uuid.uuid4().hex[:12]}:example.org"
@@ -409,6 +412,11 @@ def test_cs_api_from_well_known_and_unresolvable(workdir, ca, homeserver, sfu, u
         assert homeserver.recorded(lambda rec: rec.path == "/.well-known/matrix/client")
         homeserver.client_well_known = f'{{"m.homeserver":{{"base_url":"{hs}/"}}}}'.encode()
         r = ask()
+        if not allow_private:
+            assert_matrix_error(r, 400, "M_BAD_JSON", "Unable to resolve client-server API")
+            wait_for_log(e, f"points at the internal address localhost:{homeserver.port}")
+            assert sfu.create_room_calls() == []
+            return
         assert_client_token(r, livekit_url=f"ws://127.0.0.1:{sfu.port}", room=room_alias(room_id),
                             identity=identity(user, "DEVICE", "member-1"), full_access=True)
         send = wait_for(lambda: homeserver.delayed_event_calls(delay_id, "send"), DELAY_MS / 1000 + 3,
@@ -481,3 +489,70 @@ def test_traefik_refuses_delegation_clearly(workdir, ca, homeserver, sfu, upstre
         assert_matrix_error(r, 404, "M_UNRECOGNIZED", UNAVAILABLE)
         wait_for_log(t, "Traefik's wasm host does not give plugins")
 
+
+
+# ------------------------------------------------------------ hostile bytes (attack review)
+
+
+def test_non_utf8_header_values_never_kill_a_worker(envoy, homeserver, sfu, upstream):
+    """A header value that is not UTF-8 used to panic the filter (the SDK's get_map_value
+    unwraps UTF-8), failing every later request on that worker."""
+    from harness import raw_request
+
+    hostile = [
+        b"POST " + PREFIX.encode() + b"/sfu_webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Authorization: \xe9\r\nConnection: close\r\n\r\n{}",
+        b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: \xe9\r\n"
+        b"Connection: close\r\n\r\n",
+    ]
+    for _ in range(4):  # both workers, twice
+        assert raw_request(envoy.port, hostile[0]) == 401
+        assert raw_request(envoy.port, hostile[1]) == 200
+    for _ in range(6):
+        r = request(envoy.port, "GET", PREFIX + "/anything")
+        assert r.status == 200, "a worker's filter died"
+    assert "panic" not in envoy.log()
+
+
+def test_non_utf8_answer_headers_never_kill_the_job_service(envoy, homeserver, sfu):
+    """A Client-Server API (or homeserver) answering with a non-UTF-8 header value used to panic
+    the job service's VM; jobs must go on."""
+    p = Participant()
+    homeserver.delayed_answers[(p.delay_id, "restart")] = [(200, b"{}", {"X-Evil": "\xe9"})] * 3
+    connected(envoy, homeserver, sfu, p, delay_ms=1000)
+    wait_for(lambda: len(calls(homeserver, p, "restart")) >= 3, 4, "restarts after the hostile answer")
+    leave(envoy, sfu, p)
+    wait_for(lambda: calls(homeserver, p, "send"), 2, "the send")
+    # A userinfo answer with such a header: an ordinary answer, no crash.
+    token = new_token()
+    body = b'{"sub":"' + USER.encode() + b'"}'
+    homeserver.tokens[token] = (b"HTTP/1.1 200 OK\r\nX-Evil: \xe9\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    r = post_json(envoy.port, PREFIX + "/get_token", get_token_body(token))
+    assert r.status == 200, r.body
+    assert "panic" not in envoy.log()
+
+
+def test_replayed_webhook_from_before_the_job_is_ignored(envoy, homeserver, sfu):
+    """A genuine participant_left captured from an earlier session and replayed within its
+    token's lifetime must not end the new job."""
+    p = Participant()
+    connected(envoy, homeserver, sfu, p)
+    body, token = signed_webhook("participant_left", p.room, p.identity, created_at=int(time.time()) - 60)
+    r = request(envoy.port, "POST", PREFIX + "/sfu_webhook", body, headers={"Authorization": token})
+    assert r.status == 200
+    wait_for_log(envoy, "webhook made before job")
+    time.sleep(1)
+    assert calls(homeserver, p, "send") == []
+    leave(envoy, sfu, p)
+    wait_for(lambda: calls(homeserver, p, "send"), 2, "the send after the genuine webhook")
+
+
+@pytest.mark.parametrize("delay_id,error", [("..", "delay_id is not a valid delay ID"),
+                                            ("x" * 256, "delay_id is too long")])
+def test_delay_ids_that_are_no_path_segment_are_refused(envoy, homeserver, delay_id, error):
+    p = Participant(delay_id=delay_id)
+    body = p.body(homeserver, delay_id=delay_id, delay_timeout=DELAY_MS)
+    r = post_json(envoy.port, PREFIX + "/delegate_delayed_leave", body)
+    assert_matrix_error(r, 400, "M_BAD_JSON", error)
+    assert homeserver.userinfo_calls(body["openid_token"]["access_token"]) == []

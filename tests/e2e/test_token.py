@@ -198,7 +198,7 @@ def test_delegate_delayed_leave_empty_body(proxy, proxy_kind, homeserver):
     timers) and says so."""
     r = post_json(proxy.port, PREFIX + "/delegate_delayed_leave", {})
     if proxy_kind == "envoy":
-        assert_matrix_error(r, 400, "M_BAD_JSON", "Missing field: delay_id")
+        assert_matrix_error(r, 400, "M_BAD_JSON", "Missing field: openid_token")
     else:
         assert_matrix_error(r, 404, "M_UNRECOGNIZED", "Delayed leave delegation is not available on this server")
     assert homeserver.userinfo_calls() == []
