@@ -359,6 +359,38 @@ impl JobService {
     }
 }
 
+/// A published status older than this means the job service is not running, milliseconds.
+pub const STATUS_STALE_MS: u64 = 3_000;
+
+/// The status a job service publishes for request handlers (Envoy: in shared data, every
+/// tick): `"<now ms> <full 0|1>"`.
+pub fn status(now: u64, full: bool) -> Vec<u8> {
+    format!("{now} {}", u8::from(full)).into_bytes()
+}
+
+/// Why a request handler must not hand a message over, read from the published `status` at
+/// `now` (ms): the service has not reported for [`STATUS_STALE_MS`] (not running, or its VM
+/// crashed) or, for a `handover`, it is full. `None`: go ahead.
+pub fn unavailable(status: Option<&[u8]>, now: u64, handover: bool) -> Option<String> {
+    let text = status
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .unwrap_or_default();
+    let mut parts = text.split(' ');
+    let at = parts
+        .next()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let full = parts.next() == Some("1");
+    let age = now.saturating_sub(at);
+    if age > STATUS_STALE_MS {
+        Some(format!("it has not reported for {age} ms (not running?)"))
+    } else if handover && full {
+        Some(format!("it runs {MAX_JOBS} jobs already"))
+    } else {
+        None
+    }
+}
+
 fn job_callout(service: &TokenService, entry: &Entry, action: Action, now: u64) -> JobCallout {
     let h = &entry.handover;
     let (pending, callout) = match action {
@@ -589,6 +621,30 @@ mod tests {
         // Within the clock-skew allowance, or after the start: acted on.
         let out = jobs.receive(&svc, left(start / 1_000 - 2), start + 20);
         assert_eq!(out[0].pending, Pending::Homeserver(HomeserverAction::Send));
+    }
+
+    #[test]
+    fn published_status() {
+        let now = 1_800_000_000_000;
+        assert_eq!(
+            unavailable(Some(&super::status(now, false)), now + 100, true),
+            None
+        );
+        assert!(unavailable(
+            Some(&super::status(now, false)),
+            now + STATUS_STALE_MS + 1,
+            false
+        )
+        .is_some_and(|why| why.contains("not reported")));
+        assert!(unavailable(None, now, false).is_some(), "never published");
+        assert!(unavailable(Some(b"garbage"), now, false).is_some());
+        let full = super::status(now, true);
+        assert!(unavailable(Some(&full), now, true).is_some_and(|why| why.contains("jobs already")));
+        assert_eq!(
+            unavailable(Some(&full), now, false),
+            None,
+            "webhooks still go through"
+        );
     }
 
     #[test]

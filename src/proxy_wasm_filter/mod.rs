@@ -27,7 +27,9 @@ use crate::exchange::{
     self, Callout, CalloutResult, CalloutTarget, Decision, Step, TokenExchange,
     MAX_REQUEST_BODY_BYTES,
 };
-use crate::job_service::{Answer, JobCallout, JobService, Message, Pending, MAX_ANSWER_BYTES};
+use crate::job_service::{
+    self, Answer, JobCallout, JobService, Message, Pending, MAX_ANSWER_BYTES,
+};
 use crate::logging;
 use crate::logging::{loggable_request_id, set_request_id};
 use crate::matrix::MatrixError;
@@ -75,40 +77,18 @@ const TICK: Duration = Duration::from_millis(100);
 /// http filter can refuse a handover (503) instead of losing it when the service is gone (its
 /// VM crashed) or full.
 const JOB_STATUS_KEY: &str = "matrixrtc_livekit_auth.delayed_leave.status";
-/// A status older than this means the job service is not running, milliseconds.
-const JOB_STATUS_STALE_MS: u64 = 3_000;
-
 /// Publishes the job service's status (see [`JOB_STATUS_KEY`]).
 fn publish_status(jobs: &JobService) {
-    let status = format!("{} {}", now_ms(), u8::from(jobs.is_full()));
-    if let Err(status) = hostcalls::set_shared_data(JOB_STATUS_KEY, Some(status.as_bytes()), None) {
+    let status = job_service::status(now_ms(), jobs.is_full());
+    if let Err(status) = hostcalls::set_shared_data(JOB_STATUS_KEY, Some(&status), None) {
         log::warn!("delayed leave: publishing the job service status failed: {status:?}");
     }
 }
 
-/// Why the job service cannot take a handover now, from its published status.
+/// Why the job service cannot take a message now, from its published status.
 fn job_service_unavailable(handover: bool) -> Option<String> {
     let (bytes, _) = hostcalls::get_shared_data(JOB_STATUS_KEY).ok()?;
-    let text = bytes
-        .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_default();
-    let mut parts = text.split(' ');
-    let at = parts
-        .next()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let full = parts.next() == Some("1");
-    let age = now_ms().saturating_sub(at);
-    if age > JOB_STATUS_STALE_MS {
-        Some(format!("it has not reported for {age} ms (not running?)"))
-    } else if handover && full {
-        Some(format!(
-            "it runs {} jobs already",
-            crate::job_service::MAX_JOBS
-        ))
-    } else {
-        None
-    }
+    job_service::unavailable(bytes.as_deref(), now_ms(), handover)
 }
 
 /// Root context: owns the validated plugin configuration; in the job service, the jobs.
@@ -602,7 +582,7 @@ impl Filter {
 ///
 /// # Errors
 /// [`MatrixError::DELEGATION_FAILED`] when the job service is not running, has not reported
-/// for [`JOB_STATUS_STALE_MS`], is full (handovers only), or the queue refuses the message
+/// for [`job_service::STATUS_STALE_MS`], is full (handovers only), or the queue refuses the message
 /// (logged).
 fn hand_over(message: &Message) -> Result<(), MatrixError> {
     let Some(queue) = job_queue() else {
