@@ -787,7 +787,9 @@ impl HttpContext for Filter {
                 if exchange::needs_job_service(endpoint) && job_queue().is_none() {
                     log::warn!(
                         "{endpoint:?} asked, but the delayed-leave job service \
-                         ({JOB_SERVICE_ROOT_ID}) does not run in this Envoy"
+                         ({JOB_SERVICE_ROOT_ID}) does not run in this Envoy (no \
+                         bootstrap_extensions block, or its vm_config.vm_id differs from this \
+                         filter's)"
                     );
                     count(&metrics::token_requests(endpoint, "unavailable"));
                     return self.respond(&LocalResponse::error(
