@@ -340,3 +340,140 @@ proptest! {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+enum ServiceOp {
+    Handover {
+        user: u8,
+        room: u8,
+        ident: u8,
+        timeout: u64,
+    },
+    Signal {
+        room: u8,
+        ident: u8,
+        signal: u8,
+        age_secs: Option<u64>,
+    },
+    Answer {
+        pick: usize,
+        status: Option<u16>,
+        retry_after: Option<u8>,
+    },
+    Tick,
+}
+
+fn service_op() -> impl Strategy<Value = ServiceOp> {
+    prop_oneof![
+        (
+            0u8..3,
+            0u8..2,
+            0u8..3,
+            prop_oneof![Just(1u64), 500u64..20_000, Just(u64::MAX / 2)]
+        )
+            .prop_map(|(user, room, ident, timeout)| ServiceOp::Handover {
+                user,
+                room,
+                ident,
+                timeout
+            }),
+        (0u8..2, 0u8..3, 0u8..3, proptest::option::of(0u64..120)).prop_map(
+            |(room, ident, signal, age_secs)| ServiceOp::Signal {
+                room,
+                ident,
+                signal,
+                age_secs
+            }
+        ),
+        (
+            any::<usize>(),
+            proptest::option::of(prop_oneof![
+                Just(200u16),
+                Just(404),
+                Just(429),
+                Just(503),
+                100u16..600
+            ]),
+            proptest::option::of(0u8..5)
+        )
+            .prop_map(|(pick, status, retry_after)| ServiceOp::Answer {
+                pick,
+                status,
+                retry_after
+            }),
+        Just(ServiceOp::Tick),
+    ]
+}
+
+proptest! {
+    /// The job service under any sequence of handovers, webhook signals, callout answers and
+    /// ticks: it never asks for a second homeserver callout or lookup of a job while one is
+    /// in flight, every callout names a job's own escaped delay_id, and after a tick nothing
+    /// due is left waiting.
+    #[test]
+    fn job_service_invariants(
+        ops in proptest::collection::vec((service_op(), 0u64..5_000), 1..80),
+        sanity in prop_oneof![Just(0u64), Just(1u64)],
+    ) {
+        use matrixrtc_livekit_auth::config::Settings;
+        use matrixrtc_livekit_auth::job_service::{Answer, Handover, JobCallout, JobService, Message, Pending};
+        use matrixrtc_livekit_auth::webhook::ParticipantSignal;
+        let json = format!(r#"{{"livekitUrl":"ws://127.0.0.1:7880","livekitKey":"k","livekitSecret":"s","fullAccessHomeservers":["*"],"sanityCheckIntervalSecs":{sanity}}}"#);
+        let settings = Settings::from_json(json.as_bytes(), &|_| None).unwrap();
+        let svc = settings.token_service.as_ref().unwrap();
+        let mut jobs = JobService::new();
+        let mut in_flight: Vec<JobCallout> = Vec::new();
+        let mut now = 1_800_000_000_000u64;
+        let check = |out: Vec<JobCallout>, in_flight: &mut Vec<JobCallout>| -> Result<(), TestCaseError> {
+            for c in out {
+                let same_kind = |o: &JobCallout| o.job == c.job
+                    && matches!((o.pending, c.pending), (Pending::Lookup, Pending::Lookup)
+                        | (Pending::Homeserver(_), Pending::Homeserver(_)));
+                prop_assert!(!in_flight.iter().any(same_kind), "second {:?} for job {}", c.pending, c.job);
+                if let Pending::Homeserver(_) = c.pending {
+                    prop_assert!(c.callout.path.contains("/delayed_events/d-"), "{}", c.callout.path);
+                }
+                in_flight.push(c);
+            }
+            Ok(())
+        };
+        for (op, advance) in ops {
+            now += advance;
+            let out = match op {
+                ServiceOp::Handover { user, room, ident, timeout } => jobs.receive(svc, Message::Handover(Handover {
+                    room: format!("room{room}"),
+                    identity: format!("id{ident}"),
+                    user_id: format!("@u{user}:x"),
+                    delay_id: format!("d-{user}/{room}/{ident}"),
+                    delay_timeout_ms: timeout,
+                    cs_api: matrixrtc_livekit_auth::config::Upstream::parse("http://127.0.0.1:8008", false).unwrap(),
+                }), now),
+                ServiceOp::Signal { room, ident, signal, age_secs } => jobs.receive(svc, Message::Participant {
+                    room: format!("room{room}"),
+                    identity: format!("id{ident}"),
+                    signal: [ParticipantSignal::Joined, ParticipantSignal::Left, ParticipantSignal::ConnectionAborted][usize::from(signal)],
+                    created_at: age_secs.map(|a| now / 1_000 - a),
+                }, now),
+                ServiceOp::Answer { pick, status, retry_after } => {
+                    if in_flight.is_empty() { continue; }
+                    let c = in_flight.swap_remove(pick % in_flight.len());
+                    let header = retry_after.map(|s| s.to_string());
+                    jobs.answer(svc, c.job, c.pending, Answer { status, retry_after: header.as_deref(), body: b"{}" }, now)
+                }
+                ServiceOp::Tick => {
+                    let out = jobs.tick(svc, now);
+                    check(out, &mut in_flight)?;
+                    // Nothing due is left behind (a wakeup may only be at or after now when
+                    // its job waits for an answer in flight).
+                    if let Some(at) = jobs.next_wakeup() {
+                        prop_assert!(at > now || !in_flight.is_empty(), "wakeup {} at now {}", at, now);
+                    }
+                    continue;
+                }
+            };
+            check(out, &mut in_flight)?;
+            // One job per (room, identity): 2 rooms x 3 identities.
+            prop_assert!(jobs.len() <= 6, "{} jobs", jobs.len());
+        }
+    }
+}
