@@ -41,6 +41,8 @@ pub enum ClientDiscoveryError {
     BadBaseUrl(String),
     /// `base_url` points at an internal address and `allowPrivateAddresses` is off.
     Internal(String),
+    /// `base_url` is plain `http` and `allowPrivateAddresses` is off.
+    NotHttps(String),
 }
 
 impl std::fmt::Display for ClientDiscoveryError {
@@ -53,6 +55,11 @@ impl std::fmt::Display for ClientDiscoveryError {
                 f.write_str("client .well-known has no string m.homeserver.base_url")
             }
             Self::BadBaseUrl(reason) => write!(f, "client .well-known base_url: {reason}"),
+            Self::NotHttps(authority) => write!(
+                f,
+                "client .well-known base_url http://{authority} is not https \
+                 (allowPrivateAddresses is off)"
+            ),
             Self::Internal(authority) => write!(
                 f,
                 "client .well-known base_url points at the internal address {authority} \
@@ -134,8 +141,13 @@ pub fn plan(
     }))
 }
 
-/// `Ok` when `policy` lets the proxy call `upstream`'s host.
+/// `Ok` when `policy` lets the proxy call `upstream`: https (a name that merely resolves to an
+/// internal address then also needs a certificate for that name) on a host that is not an
+/// internal address, unless private addresses are allowed.
 fn allowed(upstream: &Upstream, policy: &HomeserverPolicy) -> Result<(), ClientDiscoveryError> {
+    if !upstream.tls && !policy.allow_private {
+        return Err(ClientDiscoveryError::NotHttps(upstream.authority.clone()));
+    }
     let name = ServerName::parse(&upstream.authority).map_err(ClientDiscoveryError::BadBaseUrl)?;
     policy
         .check_host(&name.host)
@@ -235,17 +247,18 @@ mod tests {
             ..HomeserverPolicy::default()
         };
         for url in [
-            "http://127.0.0.1:8008/admin",
-            "http://10.0.0.1",
-            "http://[::1]:8008",
-            "http://localhost:8008",
-            "http://synapse:8008",
+            "https://127.0.0.1:8008/admin",
+            "https://10.0.0.1",
+            "https://[::1]:8008",
+            "https://localhost:8008",
+            "https://synapse:8008",
+            "http://internal.example.org:8008",
         ] {
             let body = format!(r#"{{"m.homeserver":{{"base_url":"{url}"}}}}"#);
             assert!(
                 matches!(
                     discovered("x.example", Some(200), body.as_bytes(), &strict, &cache, 0),
-                    Err(ClientDiscoveryError::Internal(_))
+                    Err(ClientDiscoveryError::Internal(_) | ClientDiscoveryError::NotHttps(_))
                 ),
                 "{url}"
             );

@@ -152,9 +152,34 @@ impl JobService {
         self.jobs.is_empty()
     }
 
-    /// `true` when a handover of a new user would be dropped ([`MAX_JOBS`] reached).
+    /// `true` when a handover for a new (room, identity) would be dropped: [`MAX_JOBS`] are
+    /// running and every one of them has a connected participant (a job still waiting for its
+    /// first connection would make room).
     pub fn is_full(&self) -> bool {
-        self.jobs.len() >= MAX_JOBS
+        self.jobs.len() >= MAX_JOBS && self.oldest_waiting().is_none()
+    }
+
+    /// The index of the oldest job still waiting for its participant's first connection.
+    fn oldest_waiting(&self) -> Option<usize> {
+        self.jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.job.state() == State::WaitingForInitialConnect)
+            .min_by_key(|(_, e)| e.id)
+            .map(|(at, _)| at)
+    }
+
+    /// Ends the job at `at` for a newer one, with `why` in the log.
+    fn make_room(&mut self, at: usize, now: u64, why: &str) {
+        let mut old = self.jobs.swap_remove(at);
+        old.job.step(Input::Replaced, now);
+        self.finished.push(Outcome::Replaced);
+        log::info!(
+            "delayed leave: job {} for {} in room {} ends: {why}",
+            old.id,
+            shown(&old.handover.user_id),
+            old.handover.room
+        );
     }
 
     /// How the jobs that ended since the last call ended (for metrics).
@@ -204,7 +229,11 @@ impl JobService {
                 signal,
                 created_at,
             } => {
-                log::debug!("delayed leave: {signal:?} for {identity} in room {room}");
+                log::debug!(
+                    "delayed leave: {signal:?} for {} in room {}",
+                    shown(&identity),
+                    shown(&room)
+                );
                 let Some(at) = self.position(&room, &identity) else {
                     return Vec::new();
                 };
@@ -225,39 +254,31 @@ impl JobService {
 
     fn start(&mut self, service: &TokenService, handover: Handover, now: u64) -> Vec<JobCallout> {
         if let Some(at) = self.position(&handover.room, &handover.identity) {
-            let mut old = self.jobs.swap_remove(at);
-            old.job.step(Input::Replaced, now);
-            self.finished.push(Outcome::Replaced);
-            log::info!(
-                "delayed leave: job {} for {} in room {} replaced by a newer one",
-                old.id,
-                old.handover.user_id,
-                old.handover.room
-            );
+            self.make_room(at, now, "replaced by a newer one");
         } else if let Some(at) = self.oldest_if_over_user_cap(&handover.user_id) {
-            let mut old = self.jobs.swap_remove(at);
-            old.job.step(Input::Replaced, now);
-            self.finished.push(Outcome::Replaced);
-            log::warn!(
-                "delayed leave: {} has {MAX_JOBS_PER_USER} jobs; job {} in room {} ends for the new one",
-                old.handover.user_id,
-                old.id,
-                old.handover.room
-            );
+            self.make_room(at, now, "its user has the most jobs one user may have");
         } else if self.jobs.len() >= MAX_JOBS {
-            log::error!(
-                "delayed leave: {MAX_JOBS} jobs already running; the delayed leave event of {} \
-                 in room {} is left to its homeserver timeout",
-                handover.user_id,
-                handover.room
+            // Full: the oldest job whose participant never connected goes first.
+            let Some(at) = self.oldest_waiting() else {
+                log::error!(
+                    "delayed leave: {MAX_JOBS} jobs with connected participants running; the \
+                     delayed leave event of {} in room {} is left to its homeserver timeout",
+                    shown(&handover.user_id),
+                    handover.room
+                );
+                return Vec::new();
+            };
+            self.make_room(
+                at,
+                now,
+                "the service is full and it never saw its participant",
             );
-            return Vec::new();
         }
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         log::info!(
             "delayed leave: job {id} started for {} in room {} (timeout {} ms, Client-Server API {})",
-            handover.user_id,
+            shown(&handover.user_id),
             handover.room,
             handover.delay_timeout_ms,
             handover.cs_api.authority
@@ -349,7 +370,7 @@ impl JobService {
             log::info!(
                 "delayed leave: job {} for {} in room {} ended: {outcome:?}",
                 entry.id,
-                entry.handover.user_id,
+                shown(&entry.handover.user_id),
                 entry.handover.room
             );
             self.finished.push(outcome);
@@ -389,6 +410,12 @@ pub fn unavailable(status: Option<&[u8]>, now: u64, handover: bool) -> Option<St
     } else {
         None
     }
+}
+
+/// A client- or server-supplied string made safe for one log line (control characters
+/// escaped).
+fn shown(text: &str) -> String {
+    text.escape_debug().to_string()
 }
 
 fn job_callout(service: &TokenService, entry: &Entry, action: Action, now: u64) -> JobCallout {
@@ -674,11 +701,27 @@ mod tests {
                 0,
             );
         }
-        assert!(jobs.is_full());
+        // Full, but every job still waits for its participant: a newcomer ends the oldest.
+        assert!(!jobs.is_full());
         jobs.receive(&svc, handover_of("@new:x", "r", "one more", "d"), 0);
         assert_eq!(jobs.len(), MAX_JOBS);
+        assert_eq!(
+            jobs.position("r", "0"),
+            None,
+            "the oldest waiting job made room"
+        );
+        assert!(jobs.position("r", "one more").is_some());
         // Replacing an existing job still works when full.
-        jobs.receive(&svc, handover_of("@u0:x", "r", "0", "d2"), 0);
+        jobs.receive(&svc, handover_of("@u1:x", "r", "1", "d2"), 0);
+        assert_eq!(jobs.len(), MAX_JOBS);
+        // Every participant connected: nothing to make room with, a new job is dropped.
+        for i in 1..MAX_JOBS {
+            jobs.receive(&svc, joined("r", &i.to_string()), 1);
+        }
+        jobs.receive(&svc, joined("r", "one more"), 1);
+        assert!(jobs.is_full());
+        jobs.receive(&svc, handover_of("@late:x", "r", "late", "d"), 2);
+        assert_eq!(jobs.position("r", "late"), None);
         assert_eq!(jobs.len(), MAX_JOBS);
     }
 

@@ -71,11 +71,18 @@ pub struct WebhookEvent {
     /// `createdAt`: when LiveKit made the event, Unix seconds (protobuf JSON writes it as a
     /// string).
     pub created_at: Option<u64>,
+    /// `participant.disconnectReason` is `DUPLICATE_IDENTITY`: LiveKit dropped this session
+    /// because the same identity connected again, so the participant is still there.
+    pub replaced_by_new_session: bool,
 }
 
 impl WebhookEvent {
-    /// The participant signal this event carries, `None` for the events jobs ignore.
+    /// The participant signal this event carries, `None` for the events jobs ignore
+    /// (including a departure caused by the same identity connecting again).
     pub fn signal(&self) -> Option<ParticipantSignal> {
+        if self.replaced_by_new_session {
+            return None;
+        }
         match self.event.as_str() {
             "participant_joined" => Some(ParticipantSignal::Joined),
             "participant_left" => Some(ParticipantSignal::Left),
@@ -167,6 +174,10 @@ pub fn verify(
             Value::String(s) => s.parse().ok(),
             other => other.as_u64(),
         }),
+        replaced_by_new_session: event
+            .get("participant")
+            .and_then(|p| p.get("disconnectReason"))
+            .is_some_and(|r| r.as_str() == Some("DUPLICATE_IDENTITY") || r.as_u64() == Some(2)),
     })
 }
 
@@ -373,13 +384,16 @@ mod tests {
                 ParticipantSignal::ConnectionAborted,
             ),
         ] {
-            let e = WebhookEvent {
+            let mut e = WebhookEvent {
                 event: name.to_owned(),
                 room: None,
                 identity: None,
                 created_at: None,
+                replaced_by_new_session: false,
             };
             assert_eq!(e.signal(), Some(signal));
+            e.replaced_by_new_session = true;
+            assert_eq!(e.signal(), None, "{name} for a replaced session");
         }
     }
 }

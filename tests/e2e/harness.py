@@ -449,7 +449,8 @@ class FakeSfu(FakeServer):
 
 
 def signed_webhook(event: str, room: str, identity: str, *, secret: str = LIVEKIT_SECRET,
-                   key: str = LIVEKIT_KEY, created_at: int | None = None) -> tuple[bytes, str]:
+                   key: str = LIVEKIT_KEY, created_at: int | None = None,
+                   disconnect_reason: int = 0) -> tuple[bytes, str]:
     """A LiveKit webhook as the SFU sends it: the `WebhookEvent` in protobuf JSON (made now, or
     at `created_at` Unix seconds) and the `Authorization` token made by LiveKit's own SDK
     (HS256, `sha256` of the body)."""
@@ -459,7 +460,8 @@ def signed_webhook(event: str, room: str, identity: str, *, secret: str = LIVEKI
     from livekit.protocol.webhook import WebhookEvent
 
     ev = WebhookEvent(event=event, room=Room(name=room, sid="RM_x"),
-                      participant=ParticipantInfo(identity=identity, sid="PA_x"),
+                      participant=ParticipantInfo(identity=identity, sid="PA_x",
+                                                  disconnect_reason=disconnect_reason),
                       id=f"EV_{time.monotonic_ns()}",
                       created_at=int(time.time()) if created_at is None else created_at)
     body = MessageToJson(ev).encode()

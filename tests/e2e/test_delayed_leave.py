@@ -552,6 +552,24 @@ def test_replayed_webhook_from_before_the_job_is_ignored(envoy, homeserver, sfu)
     wait_for(lambda: calls(homeserver, p, "send"), 2, "the send after the genuine webhook")
 
 
+def test_departure_of_a_session_replaced_by_the_same_identity_is_ignored(envoy, homeserver, sfu):
+    """LiveKit drops the older session when the same identity connects again and reports it
+    as participant_left with disconnectReason DUPLICATE_IDENTITY: the participant is still
+    there, so nothing is sent."""
+    from livekit.protocol.models import DisconnectReason
+
+    p = Participant()
+    connected(envoy, homeserver, sfu, p)
+    body, token = signed_webhook("participant_left", p.room, p.identity,
+                                 disconnect_reason=DisconnectReason.Value("DUPLICATE_IDENTITY"))
+    assert request(envoy.port, "POST", PREFIX + "/sfu_webhook", body,
+                   headers={"Authorization": token}).status == 200
+    time.sleep(1.5)
+    assert calls(homeserver, p, "send") == []
+    leave(envoy, sfu, p)
+    wait_for(lambda: calls(homeserver, p, "send"), 2, "the send after the real departure")
+
+
 @pytest.mark.parametrize("delay_id,error", [("..", "delay_id is not a valid delay ID"),
                                             ("x" * 256, "delay_id is too long")])
 def test_delay_ids_that_are_no_path_segment_are_refused(envoy, homeserver, delay_id, error):
