@@ -1,6 +1,6 @@
 //! Log lines of both adapters: every line written while a request is handled starts with
 //! `request <x-request-id>: `, so one failure is one line that can be joined with the proxy's
-//! access log. The adapters install their own `log::Log` that writes [`line`] to the host.
+//! access log. The adapters install their own `log::Log` that writes [`line()`] to the host.
 
 use std::cell::RefCell;
 
@@ -38,7 +38,7 @@ pub fn line(record: &log::Record<'_>) -> String {
     })
 }
 
-/// A `log::Log` that writes each enabled record, as [`line`], with the adapter's host function
+/// A `log::Log` that writes each enabled record, as [`line()`], with the adapter's host function
 /// (which maps the `log` level to the host's).
 pub struct HostLog(pub fn(log::Level, &str));
 
