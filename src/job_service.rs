@@ -33,6 +33,18 @@ pub const MAX_JOBS_PER_USER: usize = 20;
 /// replay) and is ignored, milliseconds. Allows for clock skew between LiveKit and the proxy.
 pub const STALE_EVENT_MS: u64 = 5_000;
 
+/// Most jobs of the users of one homeserver (server name of the user ID): one server
+/// (e.g. with open registration, under `fullAccessHomeservers: ["*"]`) cannot fill
+/// [`MAX_JOBS`]; a new job beyond it ends that server's oldest, never-connected ones first.
+pub const MAX_JOBS_PER_SERVER: usize = MAX_JOBS / 4;
+
+/// The server name of a Matrix user ID (after the first `:`).
+fn server_of(user_id: &str) -> &str {
+    user_id
+        .split_once(':')
+        .map_or(user_id, |(_, server)| server)
+}
+
 /// Largest answer body the service reads from a job callout, in bytes (`retry_after_ms`,
 /// Twirp error codes).
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024;
@@ -194,16 +206,34 @@ impl JobService {
 
     /// The index of `user_id`'s oldest job when they already have [`MAX_JOBS_PER_USER`].
     fn oldest_if_over_user_cap(&self, user_id: &str) -> Option<usize> {
-        let mine = || {
+        self.oldest_if_over(MAX_JOBS_PER_USER, |h| h.user_id == user_id)
+    }
+
+    /// The index of the oldest job of `user_id`'s homeserver when that server already has
+    /// [`MAX_JOBS_PER_SERVER`] (its never-connected jobs first).
+    fn oldest_if_over_server_cap(&self, user_id: &str) -> Option<usize> {
+        let server = server_of(user_id);
+        self.oldest_if_over(MAX_JOBS_PER_SERVER, |h| server_of(&h.user_id) == server)
+    }
+
+    /// The oldest job matching `mine` (one still waiting for its participant, if any) when at
+    /// least `cap` jobs match.
+    fn oldest_if_over(&self, cap: usize, mine: impl Fn(&Handover) -> bool) -> Option<usize> {
+        let matching = || {
             self.jobs
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| e.handover.user_id == user_id)
+                .filter(|(_, e)| mine(&e.handover))
         };
-        if mine().count() < MAX_JOBS_PER_USER {
+        if matching().count() < cap {
             return None;
         }
-        mine().min_by_key(|(_, e)| e.id).map(|(at, _)| at)
+        let waiting = matching()
+            .filter(|(_, e)| e.job.state() == State::WaitingForInitialConnect)
+            .min_by_key(|(_, e)| e.id);
+        waiting
+            .or_else(|| matching().min_by_key(|(_, e)| e.id))
+            .map(|(at, _)| at)
     }
 
     fn position(&self, room: &str, identity: &str) -> Option<usize> {
@@ -257,6 +287,12 @@ impl JobService {
             self.make_room(at, now, "replaced by a newer one");
         } else if let Some(at) = self.oldest_if_over_user_cap(&handover.user_id) {
             self.make_room(at, now, "its user has the most jobs one user may have");
+        } else if let Some(at) = self.oldest_if_over_server_cap(&handover.user_id) {
+            self.make_room(
+                at,
+                now,
+                "its homeserver has the most jobs one server may have",
+            );
         } else if self.jobs.len() >= MAX_JOBS {
             // Full: the oldest job whose participant never connected goes first.
             let Some(at) = self.oldest_waiting() else {
@@ -697,13 +733,13 @@ mod tests {
         for i in 0..MAX_JOBS {
             jobs.receive(
                 &svc,
-                handover_of(&format!("@u{i}:x"), "r", &i.to_string(), "d"),
+                handover_of(&format!("@u{i}:s{}.x", i % 5), "r", &i.to_string(), "d"),
                 0,
             );
         }
         // Full, but every job still waits for its participant: a newcomer ends the oldest.
         assert!(!jobs.is_full());
-        jobs.receive(&svc, handover_of("@new:x", "r", "one more", "d"), 0);
+        jobs.receive(&svc, handover_of("@new:new.x", "r", "one more", "d"), 0);
         assert_eq!(jobs.len(), MAX_JOBS);
         assert_eq!(
             jobs.position("r", "0"),
@@ -712,7 +748,7 @@ mod tests {
         );
         assert!(jobs.position("r", "one more").is_some());
         // Replacing an existing job still works when full.
-        jobs.receive(&svc, handover_of("@u1:x", "r", "1", "d2"), 0);
+        jobs.receive(&svc, handover_of("@u1:s1.x", "r", "1", "d2"), 0);
         assert_eq!(jobs.len(), MAX_JOBS);
         // Every participant connected: nothing to make room with, a new job is dropped.
         for i in 1..MAX_JOBS {
@@ -720,9 +756,40 @@ mod tests {
         }
         jobs.receive(&svc, joined("r", "one more"), 1);
         assert!(jobs.is_full());
-        jobs.receive(&svc, handover_of("@late:x", "r", "late", "d"), 2);
+        jobs.receive(&svc, handover_of("@late:late.x", "r", "late", "d"), 2);
         assert_eq!(jobs.position("r", "late"), None);
         assert_eq!(jobs.len(), MAX_JOBS);
+    }
+
+    #[test]
+    fn one_homeserver_cannot_fill_the_service() {
+        let svc = service(0);
+        let mut jobs = JobService::new();
+        // Many users of one server: its quarter fills, the oldest of them make room.
+        for i in 0..MAX_JOBS_PER_SERVER + 3 {
+            jobs.receive(
+                &svc,
+                handover_of(&format!("@u{i}:open.example"), "r", &i.to_string(), "d"),
+                0,
+            );
+        }
+        assert_eq!(jobs.len(), MAX_JOBS_PER_SERVER);
+        assert_eq!(jobs.position("r", "0"), None);
+        // Another server is not affected.
+        jobs.receive(
+            &svc,
+            handover_of("@alice:example.org", "r", "alice", "d"),
+            0,
+        );
+        assert_eq!(jobs.len(), MAX_JOBS_PER_SERVER + 1);
+        // Connected participants of the busy server are kept over waiting ones.
+        jobs.receive(&svc, joined("r", "5"), 1);
+        jobs.receive(&svc, handover_of("@more:open.example", "r", "more", "d"), 2);
+        assert!(
+            jobs.position("r", "5").is_some(),
+            "the connected job was evicted"
+        );
+        assert_eq!(server_of("@a:b.example:8448"), "b.example:8448");
     }
 
     #[test]
