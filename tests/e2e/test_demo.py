@@ -1,6 +1,7 @@
 """The README's main job (scripts/demo.py) works: real Envoy with the shipped envoy/envoy.yaml
 unmodified, a real Synapse, a LiveKit access token minted through the filter; and the same
-through real Traefik with the shipped traefik/dynamic-token-service.yml unmodified."""
+through real Traefik with the shipped traefik/dynamic-token-service.yml unmodified. With Envoy,
+also delayed-leave delegation on a real Synapse's delayed events."""
 
 from __future__ import annotations
 
@@ -23,3 +24,6 @@ def test_demo_mints_a_token_through_shipped_config(proxy, name):
     assert "LiveKit's TokenVerifier accepts it: identity=" in out
     assert "upstream received GET /status?x=1 with X-Forwarded-Prefix ['/livekit-jwt-service']" in out
     assert f"OK: token minted inside {name}" in out
+    if proxy == "envoy":
+        assert "Synapse still has it pending; the filter last restarted it" in out
+        assert "her leave event is in the room now: org.matrix.msc3401.call.member {}" in out
