@@ -261,15 +261,16 @@ enum State {
 pub struct TokenExchange {
     state: State,
     issued_full_access: Option<bool>,
-    /// The host runs delayed-leave jobs.
-    delegation: bool,
+    /// Asks the host whether it runs delayed-leave jobs (called only for a request with
+    /// delay parameters, so other requests cost the host nothing).
+    delegation: fn() -> bool,
 }
 
 impl TokenExchange {
     /// Starts an exchange for a whole request `body` sent to `endpoint`; `cache` holds
     /// `.well-known` results, `now` is Unix seconds, `delegation` says whether the host runs
-    /// delayed-leave jobs (without, delay parameters get 400 `M_BAD_JSON` after the OpenID
-    /// check).
+    /// delayed-leave jobs, asked only when the request carries delay parameters (without,
+    /// they get 400 `M_BAD_JSON` after the OpenID check).
     ///
     /// Returns the exchange and its first step: a 400 (`M_NOT_JSON` / `M_BAD_JSON`) or 401 (a
     /// server name that is invalid, not allowed or internal) answer, the `.well-known`
@@ -280,7 +281,7 @@ impl TokenExchange {
         body: &[u8],
         cache: &dyn DiscoveryCache,
         now: u64,
-        delegation: bool,
+        delegation: fn() -> bool,
     ) -> (Self, Step) {
         let request = match TokenRequest::decode(endpoint, body) {
             Ok(r) => r,
@@ -334,7 +335,7 @@ impl TokenExchange {
             Self {
                 state: State::Done,
                 issued_full_access: None,
-                delegation: false,
+                delegation: || false,
             },
             Step::Respond(response),
         )
@@ -519,7 +520,7 @@ impl TokenExchange {
                 MatrixError::DELEGATION_RESTRICTED
             }));
         }
-        if !self.delegation {
+        if !(self.delegation)() {
             log::warn!(
                 "delayed leave delegation asked by {user_id}, but this proxy runs no \
                  delayed-leave jobs (README \"Delayed leave delegation\")"
@@ -800,7 +801,7 @@ mod tests {
             &body("example.org", "@alice:example.org"),
             &NoCache,
             NOW,
-            true,
+            || true,
         );
         let well_known = expect_callout(step);
         assert_eq!(well_known.target, CalloutTarget::WellKnown);
@@ -883,7 +884,7 @@ mod tests {
             &body("other.example", "@bob:other.example"),
             &NoCache,
             NOW,
-            true,
+            || true,
         );
         let c = expect_callout(step);
         assert_eq!(
@@ -940,7 +941,7 @@ mod tests {
                 &body("example.org", claimed),
                 &NoCache,
                 NOW,
-                true,
+                || true,
             );
             expect_callout(step);
             expect_error(
@@ -961,7 +962,7 @@ mod tests {
             &body("evil/host", "@a:evil/host"),
             &NoCache,
             NOW,
-            true,
+            || true,
         );
         expect_error(step, 401, "M_UNAUTHORIZED");
     }
@@ -1016,7 +1017,14 @@ mod tests {
             ),
         ] {
             let b = with_delay(server);
-            let (mut ex, step) = TokenExchange::start(t, endpoint, &b, &NoCache, NOW, delegation);
+            let (mut ex, step) = TokenExchange::start(
+                t,
+                endpoint,
+                &b,
+                &NoCache,
+                NOW,
+                if delegation { || true } else { || false },
+            );
             expect_callout(step);
             let sub = format!(r#"{{"sub":"@alice:{server}"}}"#);
             let step = ex.on_callout_response(t, ok(200, &sub), &NoCache, NOW);
@@ -1039,7 +1047,7 @@ mod tests {
         let cache = crate::discovery::MemoryCache::new(8);
         let b = with_delay("example.org");
         let (mut ex, step) =
-            TokenExchange::start(t, TokenEndpoint::GetToken, &b, &cache, NOW, true);
+            TokenExchange::start(t, TokenEndpoint::GetToken, &b, &cache, NOW, || true);
         expect_callout(step);
         let wk = expect_callout(ex.on_callout_response(t, ok(200, USERINFO_OK), &cache, NOW));
         assert_eq!(wk.target, CalloutTarget::ClientWellKnown);
@@ -1074,7 +1082,7 @@ mod tests {
         assert_eq!(ex.issued_full_access(), Some(true));
         // The second request finds the base URL in the cache: straight to CreateRoom.
         let (mut ex, step) =
-            TokenExchange::start(t, TokenEndpoint::GetToken, &b, &cache, NOW + 1, true);
+            TokenExchange::start(t, TokenEndpoint::GetToken, &b, &cache, NOW + 1, || true);
         expect_callout(step);
         let create =
             expect_callout(ex.on_callout_response(t, ok(200, USERINFO_OK), &cache, NOW + 1));
@@ -1087,7 +1095,7 @@ mod tests {
         let t = s.token_service.as_ref().unwrap();
         for endpoint in [TokenEndpoint::GetToken, TokenEndpoint::DelegateDelayedLeave] {
             let b = with_delay("example.org");
-            let (mut ex, _) = TokenExchange::start(t, endpoint, &b, &NoCache, NOW, true);
+            let (mut ex, _) = TokenExchange::start(t, endpoint, &b, &NoCache, NOW, || true);
             expect_callout(ex.on_callout_response(t, ok(200, USERINFO_OK), &NoCache, NOW));
             let step = ex.on_callout_response(t, ok(404, "nope"), &NoCache, NOW);
             let Step::Respond(r) = step else {
@@ -1114,7 +1122,7 @@ mod tests {
             &b,
             &NoCache,
             NOW,
-            true,
+            || true,
         );
         assert_eq!(expect_callout(step).target, CalloutTarget::Homeserver);
         let step = ex.on_callout_response(t, ok(200, USERINFO_OK), &NoCache, NOW);
@@ -1172,7 +1180,7 @@ mod tests {
                 &body("example.org", "@alice:example.org"),
                 &NoCache,
                 NOW,
-                true,
+                || true,
             );
             expect_callout(ex.on_callout_response(
                 t,

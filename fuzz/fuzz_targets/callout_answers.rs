@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let service = common::service();
     let (flag, data) = data.split_first().unwrap_or((&0, data));
     let body = if flag & 1 == 1 { DELAYED } else { BODY };
-    let (mut ex, mut step) = TokenExchange::start(service, TokenEndpoint::GetToken, body, &NoCache, 1_800_000_000, true);
+    let (mut ex, mut step) = TokenExchange::start(service, TokenEndpoint::GetToken, body, &NoCache, 1_800_000_000, || true);
     let mut answers = data.split(|b| *b == 0xff);
     let mut saw_sub = false;
     for _ in 0..4 {

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         TokenEndpoint::DelegateDelayedLeave,
     ] {
         let (_, step) =
-            TokenExchange::start(service, endpoint, data, &NoCache, 1_800_000_000, true);
+            TokenExchange::start(service, endpoint, data, &NoCache, 1_800_000_000, || true);
         if let Step::Respond(r) = step {
             assert!(matches!(r.status, 400 | 401), "{}", r.status);
         }

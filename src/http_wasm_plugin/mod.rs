@@ -161,7 +161,7 @@ impl Plugin {
             return LocalResponse::error(MatrixError::TOO_LARGE);
         };
         let (mut exchange, mut step) =
-            TokenExchange::start(service, endpoint, &body, &self.cache, now_secs(), false);
+            TokenExchange::start(service, endpoint, &body, &self.cache, now_secs(), || false);
         loop {
             match step {
                 Step::Respond(r) => return r,

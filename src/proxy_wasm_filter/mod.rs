@@ -499,14 +499,13 @@ impl Filter {
             ));
             return self.respond(&response);
         }
-        let delegation = job_queue().is_some();
         let (exchange, step) = TokenExchange::start(
             service,
             endpoint,
             body,
             &SharedDataCache,
             now_secs(),
-            delegation,
+            || job_queue().is_some(),
         );
         self.drive(endpoint, exchange, step)
     }
