@@ -333,17 +333,18 @@ impl JobService {
         self.step(service, self.jobs.len() - 1, Input::Tick, now)
     }
 
-    /// Wakes every job that is due at `now` (ms); returns the callouts to make.
+    /// Wakes every job that is due at `now` (ms); returns the callouts to make. One pass over
+    /// the list, from the end: a finished job is swap-removed, which only moves an entry that
+    /// was already visited.
     pub fn tick(&mut self, service: &TokenService, now: u64) -> Vec<JobCallout> {
-        let due: Vec<u64> = self
-            .jobs
-            .iter()
-            .filter(|e| e.job.next_wakeup().is_some_and(|at| at <= now))
-            .map(|e| e.id)
-            .collect();
         let mut callouts = Vec::new();
-        for id in due {
-            if let Some(at) = self.jobs.iter().position(|e| e.id == id) {
+        for at in (0..self.jobs.len()).rev() {
+            let due = self
+                .jobs
+                .get(at)
+                .and_then(|e| e.job.next_wakeup())
+                .is_some_and(|wake| wake <= now);
+            if due {
                 callouts.extend(self.step(service, at, Input::Tick, now));
             }
         }

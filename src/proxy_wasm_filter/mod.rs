@@ -192,27 +192,12 @@ impl Context for Root {
             &metrics::callout_duration_ms(target),
             now.saturating_sub(started),
         );
-        let headers = call_response_headers();
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        let status = header(":status").and_then(|v| v.parse::<u16>().ok());
-        count(&metrics::callouts(target, status, true));
-        let body = hostcalls::get_buffer(
-            BufferType::HttpCallResponseBody,
-            0,
-            body_size.min(MAX_ANSWER_BYTES),
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        let read = CallAnswer::read(body_size, MAX_ANSWER_BYTES);
+        count(&metrics::callouts(target, read.status, true));
         let answer = Answer {
-            status,
-            retry_after: header("retry-after"),
-            body: &body,
+            status: read.status,
+            retry_after: read.header("retry-after"),
+            body: &read.body,
         };
         let next = runner.jobs.answer(service, job, pending, answer, now);
         self.run_callouts(next);
@@ -405,15 +390,48 @@ fn request_header(name: &str) -> Option<String> {
         .and_then(|v| String::from_utf8(v).ok())
 }
 
-/// The headers of a callout's answer, values decoded lossily. Read as bytes: the SDK's
-/// `get_map` unwraps UTF-8 and would panic on a server's stray byte. Names are HTTP tokens
-/// (Envoy's codec refuses anything else). May be empty (reset after headers).
-fn call_response_headers() -> Vec<(String, String)> {
-    hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-        .collect()
+/// A callout's answer as read in `on_http_call_response`: headers (values decoded lossily;
+/// read as bytes because the SDK's `get_map` unwraps UTF-8 and would panic on a server's stray
+/// byte; names are HTTP tokens, Envoy's codec refuses anything else), the status, and at most
+/// `max` bytes of body. Zero headers is possible (reset after headers): the status is then
+/// `None`, never assumed.
+struct CallAnswer {
+    headers: Vec<(String, String)>,
+    status: Option<u16>,
+    body: Vec<u8>,
+}
+
+impl CallAnswer {
+    /// Reads the answer of the callout being reported (`body_size` from the callback).
+    fn read(body_size: usize, max: usize) -> Self {
+        let headers: Vec<(String, String)> =
+            hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(max))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Self {
+            headers,
+            status,
+            body,
+        }
+    }
+
+    /// The value of header `name` (case-insensitive), if present.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 fn now_ms() -> u64 {
@@ -712,20 +730,9 @@ impl Context for Filter {
         let Some(service) = settings.token_service.as_ref() else {
             return;
         };
-        // Zero headers is possible (reset after headers): search the list, never assume.
-        let headers = call_response_headers();
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
-        let genuine = headers
-            .iter()
-            .any(|(k, _)| k == "x-envoy-upstream-service-time");
-        let max = exchange.max_callout_body();
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(max))
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let read = CallAnswer::read(body_size, exchange.max_callout_body());
+        let (status, body) = (read.status, &read.body);
+        let genuine = read.header("x-envoy-upstream-service-time").is_some();
         // Envoy's own local replies (connect failure, timeout) explain themselves in the body;
         // a genuine upstream body is not logged.
         let detail = if status.is_some_and(|s| (200..300).contains(&s)) || genuine {
@@ -735,14 +742,10 @@ impl Context for Filter {
                 String::from_utf8_lossy(body.get(..body.len().min(160)).unwrap_or_default()).into();
             format!("(proxy: {})", text.trim())
         };
-        let cache_control = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
-            .map(|(_, v)| v.as_str());
         let result = CalloutResult {
             status,
-            body: &body,
-            cache_control,
+            body,
+            cache_control: read.header("cache-control"),
             detail: &detail,
         };
         count(&metrics::callouts(target, status, true));
